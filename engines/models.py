@@ -1,0 +1,176 @@
+"""ModelSpec → a loaded diffusers pipeline with its family, device, dtype and text-encoder fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+from engines.types import InputError, ModelSpec
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+NATIVE_SIZE = {"sd15": 512, "sd2": 512, "sdxl": 1024}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+QUANT_BACKENDS = {"int8": ("bitsandbytes_8bit", {"load_in_8bit": True}),
+                  "nf4": ("bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                "bnb_4bit_compute_dtype": torch.bfloat16})}
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded pipeline and what the engines need to know about it."""
+
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
+    spec: ModelSpec
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+
+    @property
+    def is_xl(self) -> bool:
+        return isinstance(self.pipe, StableDiffusionXLPipeline)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if e is not None]
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
+
+    @property
+    def native_size(self) -> int:
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+
+def load_model(spec: ModelSpec) -> ModelBundle:
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    device = _resolve_device(spec.device)
+    dtype = _resolve_dtype(spec.dtype, device)
+    _check_accelerator_options(spec, device)
+    pipe = _load_pipeline(spec, dtype)
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise InputError(f"model '{spec.source}' is a {type(pipe).__name__}; Troupe runs SD 1.5, SD 2.x and SDXL")
+    _place(pipe, spec, device)
+    pipe.set_progress_bar_config(disable=True)
+    family = spec.family or detect_family(pipe, spec.source)
+    return ModelBundle(pipe, spec, family, device, dtype, text_encoder_fingerprint(pipe))
+
+
+def detect_family(pipe: DiffusionPipeline, source: str) -> str:
+    """From the config, not the name: XL has two encoders; SD 2.x has the 1024-wide OpenCLIP-H encoder."""
+    if source == "demo" or Path(source).resolve() == DEMO_MODEL_DIR:
+        return "demo"
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return "sdxl"
+    return "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd15"
+
+
+def text_encoder_fingerprint(pipe: DiffusionPipeline) -> str:
+    """A short hash of the text encoders' configs and weights: a subject only fits the encoder it was trained on."""
+    digest = hashlib.sha256()
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is None:
+            continue
+        digest.update(json.dumps(encoder.config.to_dict(), sort_keys=True, default=str).encode())
+        embedding = encoder.get_input_embeddings().weight.detach()
+        digest.update(embedding.float().sum(dim=1).cpu().numpy().round(3).tobytes())  # robust to dtype casts
+    return digest.hexdigest()[:16]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' asked for, but this machine has no CUDA GPU (use --device cpu)")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype == "fp16" and device.type == "cpu":
+        raise InputError("fp16 needs a GPU; on a CPU use fp32 (or bf16)")
+    return TORCH_DTYPES[dtype]
+
+
+def _check_accelerator_options(spec: ModelSpec, device: torch.device) -> None:
+    if spec.quantization != "none":
+        if device.type != "cuda":
+            raise InputError(f"{spec.quantization} quantization needs a CUDA GPU; this run is on {device.type}")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise InputError(f"{spec.quantization} quantization needs bitsandbytes: pip install bitsandbytes")
+    if spec.offload != "none" and device.type != "cuda":
+        raise InputError(f"{spec.offload} offload moves weights between CPU and GPU; it needs a CUDA GPU")
+
+
+def _load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
+    source = str(DEMO_MODEL_DIR) if spec.source == "demo" else spec.source
+    kwargs = {"dtype": dtype, **_quantization_kwargs(spec)}
+    path = Path(source).expanduser()
+    if spec.source == "demo" and not (path / "model_index.json").exists():
+        raise InputError(f"the demo model is missing from {path}; rebuild it: python -m engines.demo_world.train")
+    try:
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise InputError(f"{path} is not a diffusers model folder (no model_index.json)")
+            return DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+        if path.suffix == ".safetensors":
+            if not path.is_file():
+                raise InputError(f"model file {path} does not exist")
+            return _load_single_file(path, spec, kwargs)
+        if path.suffix in (".ckpt", ".pt", ".bin", ".pth"):
+            raise InputError(f"{path.name}: Troupe loads weights only from .safetensors (pickle files can run code)")
+        if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+            raise InputError(f"model path {path} does not exist")
+        return DiffusionPipeline.from_pretrained(source, **kwargs)
+    except InputError:
+        raise
+    except (OSError, ValueError) as error:
+        raise InputError(_missing_model_message(source, error)) from error
+
+
+def _load_single_file(path: Path, spec: ModelSpec, kwargs: dict) -> DiffusionPipeline:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as weights:
+        keys = set(weights.keys())
+    is_xl = any(k.startswith("conditioner.embedders.1") for k in keys) or spec.family == "sdxl"
+    pipeline_class = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    return pipeline_class.from_single_file(str(path), **kwargs)
+
+
+def _missing_model_message(source: str, error: Exception) -> str:
+    return (f"could not load model '{source}' ({type(error).__name__}). If it is a Hub id, this machine may be offline: "
+            f"download it where there is network (huggingface-cli download {source}) and pass the folder with "
+            f"--model PATH, or use --model demo")
+
+
+def _quantization_kwargs(spec: ModelSpec) -> dict:
+    if spec.quantization == "none":
+        return {}
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    backend, options = QUANT_BACKENDS[spec.quantization]
+    components = ["unet", "text_encoder", "text_encoder_2"]
+    return {"quantization_config": PipelineQuantizationConfig(backend, options, components_to_quantize=components)}
+
+
+def _place(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> None:
+    if spec.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif spec.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
