@@ -1,0 +1,162 @@
+"""Validation and preprocessing of a person's subject photos (Pillow, OpenCV, optional ONNX segmenter).
+
+Every photo is checked before anything is written anywhere: a file that is not a PNG/JPEG/WebP image, a truncated
+file, a decompression bomb (too many pixels) or a tiny image is an InputError naming the file. Accepted photos are
+turned upright (EXIF orientation), converted to RGB, given a foreground mask, cropped to a square around the subject
+and resized to the model's training size. The mask later weights the denoising loss (engines/register.py).
+
+Foreground masks: an ONNX segmenter run through onnxruntime when its model file is present (`TROUPE_SEGMENTER`
+or ~/.troupe/models/segmenter.onnx), otherwise OpenCV GrabCut seeded with a centre rectangle.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from engines.types import InputError
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; more is refused (decompression bombs)
+MIN_SIDE = 32  # pixels; a smaller image has nothing to learn from
+CROP_MARGIN = 0.15  # fraction of the subject's box added on each side before squaring
+GRABCUT_SIDE = 256  # GrabCut runs on a copy at most this big (it is O(pixels))
+DEFAULT_SEGMENTER = Path("~/.troupe/models/segmenter.onnx")
+
+
+@dataclass(frozen=True)
+class PreparedPhoto:
+    photo: Image.Image  # RGB, size × size
+    mask: Image.Image  # L, size × size, 255 = subject
+    source: str
+
+
+def load_photo(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> Image.Image:
+    """Open, fully decode and validate one photo; upright RGB or InputError (nothing is written)."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise InputError(f"photo {name}: no such file")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.format not in FORMATS:
+                    raise InputError(f"photo {name}: {image.format} images are not accepted (use PNG, JPEG or WebP)")
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise InputError(f"photo {name}: {width}×{height} is too many pixels (limit {max_pixels:,})")
+                if min(width, height) < min_side:
+                    raise InputError(f"photo {name}: {width}×{height} is too small (each side needs ≥ {min_side} px)")
+                image.load()  # decodes everything: a truncated file fails here
+                image = ImageOps.exif_transpose(image)
+                return image.convert("RGB")
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InputError(f"photo {name}: refused as a possible decompression bomb ({error})") from error
+    except Image.UnidentifiedImageError as error:
+        raise InputError(f"photo {name}: not an image (PNG, JPEG or WebP expected)") from error
+    except (OSError, SyntaxError, ValueError) as error:  # truncated / corrupt data
+        raise InputError(f"photo {name}: the file is damaged or truncated ({error})") from error
+
+
+class OnnxSegmenter:
+    """A foreground segmenter in ONNX: input float32 NCHW RGB in [0, 1]; output N×1×h×w logits or probabilities."""
+
+    def __init__(self, model_path: str | Path, input_size: int = 320):
+        import onnxruntime
+
+        self.path = Path(model_path)
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise InputError(f"segmenter {self.path.name} could not be loaded: {error}") from error
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        shape = model_input.shape  # [N, 3, H, W], H/W may be symbolic
+        static = len(shape) == 4 and all(isinstance(s, int) for s in shape[2:])
+        self.size = (int(shape[3]), int(shape[2])) if static else (input_size, input_size)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """Foreground probability in [0, 1], shape (H, W) of `image`."""
+        resized = np.asarray(image.convert("RGB").resize(self.size, Image.BILINEAR), np.float32) / 255.0
+        batch = resized.transpose(2, 0, 1)[None]  # (1, 3, h, w)
+        output = np.asarray(self.session.run(None, {self.input_name: batch})[0], np.float32)
+        prob = output.reshape(output.shape[-2], output.shape[-1])  # (h, w)
+        if prob.min() < 0.0 or prob.max() > 1.0:
+            prob = 1.0 / (1.0 + np.exp(-prob))  # logits → probabilities
+        out = Image.fromarray((prob * 255).clip(0, 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+        return np.asarray(out, np.float32) / 255.0
+
+
+def find_segmenter(path: str | Path | None = None) -> OnnxSegmenter | None:
+    """The ONNX segmenter if its file is present (argument, $TROUPE_SEGMENTER, ~/.troupe/models), else None."""
+    candidate = path or os.environ.get("TROUPE_SEGMENTER") or DEFAULT_SEGMENTER
+    candidate = Path(candidate).expanduser()
+    return OnnxSegmenter(candidate) if candidate.is_file() else None
+
+
+def grabcut_mask(image: Image.Image, iterations: int = 4) -> np.ndarray:
+    """Foreground in {0, 1}, shape (H, W): GrabCut seeded with a centre rectangle (10% margin on each side)."""
+    import cv2
+
+    width, height = image.size
+    scale = min(1.0, GRABCUT_SIDE / max(width, height))
+    small = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+    bgr = np.ascontiguousarray(np.asarray(small)[:, :, ::-1])  # (h, w, 3) uint8
+    h, w = bgr.shape[:2]
+    rect = (int(w * 0.1), int(h * 0.1), max(1, int(w * 0.8)), max(1, int(h * 0.8)))
+    mask = np.zeros((h, w), np.uint8)
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    try:
+        cv2.grabCut(bgr, mask, rect, bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
+        fg = ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).astype(np.float32)
+    except cv2.error:  # e.g. a flat image: GrabCut cannot fit its colour models
+        fg = np.zeros((h, w), np.float32)
+    if fg.mean() < 0.01:  # nothing found: fall back to the centre ellipse the rectangle implied
+        yy, xx = np.mgrid[0:h, 0:w]
+        fg = ((((xx + 0.5) / w - 0.5) / 0.4) ** 2 + (((yy + 0.5) / h - 0.5) / 0.4) ** 2 <= 1.0).astype(np.float32)
+    return np.asarray(Image.fromarray((fg * 255).astype(np.uint8)).resize((width, height), Image.NEAREST)) / 255.0
+
+
+def subject_square(fg: np.ndarray, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+    """A square (x0, y0, x1, y1) inside the image around the foreground's box, as big as the image allows."""
+    height, width = fg.shape
+    ys, xs = np.nonzero(fg > 0.5)
+    if len(xs) == 0:
+        x0, y0, x1, y1 = 0, 0, width, height
+    else:
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    side = int(min(max(side, MIN_SIDE), width, height))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = int(round(min(max(cx - side / 2, 0), width - side)))
+    top = int(round(min(max(cy - side / 2, 0), height - side)))
+    return left, top, left + side, top + side
+
+
+def prepare_photo(path: str | Path, size: int, segmenter: OnnxSegmenter | None = None) -> PreparedPhoto:
+    image = load_photo(path)
+    fg = segmenter(image) if segmenter is not None else grabcut_mask(image)  # (H, W) in [0, 1]
+    box = subject_square(fg)
+    photo = image.crop(box).resize((size, size), Image.LANCZOS)
+    mask_full = Image.fromarray((fg * 255).clip(0, 255).astype(np.uint8))
+    mask = mask_full.crop(box).resize((size, size), Image.BILINEAR)
+    return PreparedPhoto(photo, mask, str(path))
+
+
+def prepare_photos(paths: list[str] | tuple[str, ...], size: int,
+                   segmenter: OnnxSegmenter | str | Path | None = None) -> list[PreparedPhoto]:
+    """Validate every photo first (so one bad file refuses the whole set), then mask, crop and resize."""
+    for path in paths:
+        load_photo(path)
+    if segmenter is None or isinstance(segmenter, (str, Path)):
+        segmenter = find_segmenter(segmenter)
+    return [prepare_photo(path, size, segmenter) for path in paths]

@@ -1,0 +1,379 @@
+"""The subject library on disk: one folder per registered subject, written atomically.
+
+    <root>/<name>/residuals.safetensors   Δ per text encoder, float32 (n_class_tokens, width) — Cones 2 Eq. 5
+                  subject.json            name, class word, family, fingerprint, steps, loss curve, created, version
+                  photo_00.png, mask_00.png ...   the cropped photos and their foreground masks
+                  thumbnail.png
+    <root>/.work/<name>/                  resumable registration checkpoints (engines/register.py)
+    <root>/.tmp-*/ , <root>/.trash-*/     transient: a subject is built under .tmp-* and renamed into place
+
+Names are validated with check_subject_name (so a name can never leave the root). subject.json is validated on load:
+unknown keys or bad values are a clear error; `list()` skips (with a warning) a folder that fails validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engines.types import FAMILIES, InputError, SubjectInfo, check_subject_name
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_ROOT = Path("~/.troupe/library")
+ENCODER_KEYS = ("text_encoder", "text_encoder_2")
+RESIDUALS = "residuals.safetensors"
+META = "subject.json"
+THUMBNAIL = "thumbnail.png"
+THUMBNAIL_SIDE = 128
+MAX_CURVE_POINTS = 100  # the stored loss curve is averaged down to this many points (keeps subject.json small)
+EXPORT_KEY = "troupe_subject"
+_META_KEYS = {"format_version": int, "name": str, "class_word": str, "family": str, "fingerprint": str,
+              "created": str, "steps": int, "loss_curve": list, "photos": list, "masks": list, "stats": dict}
+
+
+def downsample_curve(curve: list[float] | tuple[float, ...], points: int = MAX_CURVE_POINTS) -> list[float]:
+    """Average a loss curve down to at most `points` buckets."""
+    values = [float(v) for v in curve]
+    if len(values) <= points:
+        return values
+    edges = np.linspace(0, len(values), points + 1).round().astype(int)
+    return [float(np.mean(values[a:b])) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _check_residuals(residuals: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    if not residuals or set(residuals) - set(ENCODER_KEYS) or "text_encoder" not in residuals:
+        raise InputError(f"{where}: residuals must be keyed {' / '.join(ENCODER_KEYS)} (got {sorted(residuals)})")
+    out = {}
+    for key, value in residuals.items():
+        if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] < 1 or value.shape[1] < 1:
+            raise InputError(f"{where}: residual '{key}' must be a 2-D tensor (class tokens, width)")
+        value = value.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(value).all():
+            raise InputError(f"{where}: residual '{key}' has NaN or infinite values")
+        out[key] = value
+    counts = {v.shape[0] for v in out.values()}
+    if len(counts) != 1:
+        raise InputError(f"{where}: the encoders' residuals cover different numbers of class tokens")
+    return out
+
+
+def _validate_meta(meta: Any, where: str) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise InputError(f"{where}: subject metadata must be a JSON object")
+    unknown = set(meta) - set(_META_KEYS)
+    missing = {"format_version", "name", "class_word", "family", "fingerprint", "created", "steps"} - set(meta)
+    if unknown:
+        raise InputError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+    if missing:
+        raise InputError(f"{where}: missing keys {', '.join(sorted(missing))}")
+    for key, kind in _META_KEYS.items():
+        if key in meta and (not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool))):
+            raise InputError(f"{where}: '{key}' must be a {kind.__name__}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise InputError(f"{where}: format version {meta['format_version']} is not supported (this Troupe reads "
+                         f"{FORMAT_VERSION})")
+    check_subject_name(meta["name"])
+    if not meta["class_word"].strip() or len(meta["class_word"]) > 100:
+        raise InputError(f"{where}: the class word must be 1–100 characters")
+    if meta["family"] not in FAMILIES:
+        raise InputError(f"{where}: unknown model family '{meta['family']}'")
+    if meta["steps"] < 0:
+        raise InputError(f"{where}: steps must be ≥ 0")
+    try:
+        datetime.fromisoformat(meta["created"])
+    except ValueError as error:
+        raise InputError(f"{where}: 'created' is not an ISO 8601 time") from error
+    for value in meta.get("loss_curve", []):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise InputError(f"{where}: the loss curve must hold finite numbers")
+    for key in ("photos", "masks"):
+        for file_name in meta.get(key, []):
+            if not isinstance(file_name, str) or Path(file_name).name != file_name or not file_name.endswith(".png"):
+                raise InputError(f"{where}: bad file name in '{key}': {file_name!r}")
+    return meta
+
+
+class SubjectLibrary:
+    """The subjects registered on this machine (or Space), one folder each under `root`."""
+
+    def __init__(self, root: str | Path = DEFAULT_ROOT):
+        self.root = Path(root).expanduser()
+
+    # ----------------------------------------------------------------- paths
+    def folder(self, name: str) -> Path:
+        return self.root / check_subject_name(name)
+
+    def work_dir(self, name: str) -> Path:
+        """Where engines/register.py keeps the resumable checkpoint of a registration in progress."""
+        return self.root / ".work" / check_subject_name(name)
+
+    def clear_work(self, name: str) -> None:
+        shutil.rmtree(self.work_dir(name), ignore_errors=True)
+
+    # ----------------------------------------------------------------- reading
+    def _read_meta(self, folder: Path) -> dict[str, Any]:
+        where = f"subject folder {folder.name}"
+        try:
+            meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise InputError(f"{where}: {META} is missing") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"{where}: {META} is not valid JSON ({error})") from error
+        meta = _validate_meta(meta, where)
+        if meta["name"] != folder.name:
+            raise InputError(f"{where}: {META} names '{meta['name']}'")
+        if not (folder / RESIDUALS).is_file():
+            raise InputError(f"{where}: {RESIDUALS} is missing")
+        return meta
+
+    def _info(self, folder: Path, meta: dict[str, Any]) -> SubjectInfo:
+        thumbnail = folder / THUMBNAIL
+        return SubjectInfo(
+            name=meta["name"], class_word=meta["class_word"], family=meta["family"],
+            fingerprint=meta["fingerprint"], created=meta["created"], steps=meta["steps"],
+            loss_curve=tuple(float(v) for v in meta.get("loss_curve", [])),
+            thumbnail=str(thumbnail) if thumbnail.is_file() else None,
+            photos=tuple(str(folder / p) for p in meta.get("photos", [])),
+        )
+
+    def list(self) -> list[SubjectInfo]:
+        if not self.root.is_dir():
+            return []
+        subjects = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            try:
+                check_subject_name(folder.name)
+                subjects.append(self._info(folder, self._read_meta(folder)))
+            except InputError as error:
+                log.warning("skipping subject folder %s: %s", folder, error)
+        return sorted(subjects, key=lambda s: s.name)
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.list()]
+
+    def get(self, name: str) -> SubjectInfo:
+        folder = self.folder(name)
+        if not folder.is_dir():
+            registered = ", ".join(self.names()) or "none"
+            raise InputError(f"no subject named '{name}' (registered: {registered})")
+        return self._info(folder, self._read_meta(folder))
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The validated subject.json of a subject (with training stats)."""
+        self.get(name)
+        return self._read_meta(self.folder(name))
+
+    def residuals(self, name: str) -> dict[str, torch.Tensor]:
+        """Δ per text encoder ('text_encoder', and 'text_encoder_2' for SDXL): float32 (n_class_tokens, width)."""
+        self.get(name)
+        path = self.folder(name) / RESIDUALS
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+        except Exception as error:  # safetensors raises its own error types
+            raise InputError(f"subject '{name}': {RESIDUALS} is unreadable ({error})") from error
+        return _check_residuals(tensors, f"subject '{name}'")
+
+    def check_compatible(self, name: str, family: str, fingerprint: str) -> None:
+        """A residual only means something to the text encoder it was trained against."""
+        info = self.get(name)
+        if info.family != family:
+            raise InputError(f"subject '{name}' was trained on a {info.family} model; the loaded model is {family}: "
+                             f"register it again with this model")
+        if info.fingerprint != fingerprint:
+            raise InputError(f"subject '{name}' was trained on a different {info.family} model (text encoder "
+                             f"{info.fingerprint}, loaded {fingerprint}): register it again with this model")
+
+    # ----------------------------------------------------------------- writing
+    def add(self, info: SubjectInfo, residuals: dict[str, torch.Tensor], photos: list[Image.Image],
+            masks: list[Image.Image], overwrite: bool = False, stats: dict[str, Any] | None = None) -> SubjectInfo:
+        """Build the whole subject folder under a temporary name inside root, then rename it into place."""
+        name = check_subject_name(info.name)
+        residuals = _check_residuals(residuals, f"subject '{name}'")
+        if len(photos) != len(masks):
+            raise InputError(f"subject '{name}': {len(photos)} photos but {len(masks)} masks")
+        target = self.root / name
+        if target.exists() and not overwrite:
+            raise InputError(f"a subject named '{name}' already exists (delete or rename it, or overwrite)")
+        meta = {
+            "format_version": FORMAT_VERSION, "name": name, "class_word": info.class_word, "family": info.family,
+            "fingerprint": info.fingerprint, "created": info.created or datetime.now(timezone.utc).isoformat(),
+            "steps": int(info.steps), "loss_curve": downsample_curve(info.loss_curve),
+            "photos": [f"photo_{i:02d}.png" for i in range(len(photos))],
+            "masks": [f"mask_{i:02d}.png" for i in range(len(masks))],
+            "stats": dict(stats or {}),
+        }
+        _validate_meta(meta, f"subject '{name}'")
+        self.root.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
+        try:
+            save_file(residuals, str(temp / RESIDUALS))
+            for file_name, image in zip(meta["photos"], photos):
+                image.convert("RGB").save(temp / file_name)
+            for file_name, image in zip(meta["masks"], masks):
+                image.convert("L").save(temp / file_name)
+            if photos:
+                thumb = photos[0].convert("RGB").copy()
+                thumb.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+                thumb.save(temp / THUMBNAIL)
+            (temp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+            for path in temp.iterdir():
+                _fsync(path)
+            trash = None
+            if target.exists():
+                trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+                os.rename(target, trash)
+            os.rename(temp, target)
+            _fsync(self.root)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return self.get(name)
+
+    def rename(self, old: str, new: str) -> SubjectInfo:
+        self.get(old)
+        check_subject_name(new)
+        if old == new:
+            return self.get(old)
+        if (self.root / new).exists():
+            raise InputError(f"a subject named '{new}' already exists")
+        source = self.folder(old)
+        temp = Path(tempfile.mkdtemp(prefix=f".tmp-{new}-", dir=self.root))
+        try:  # rewrite subject.json in a copy, then swap: the old subject stays whole until the last rename
+            shutil.copytree(source, temp, dirs_exist_ok=True)
+            meta = self._read_meta(source)
+            meta["name"] = new
+            (temp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+            os.rename(temp, self.root / new)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        self.delete(old)
+        return self.get(new)
+
+    def delete(self, name: str) -> None:
+        self.get(name)
+        trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+        os.rename(self.folder(name), trash)  # atomic disappearance, then the slow part
+        shutil.rmtree(trash, ignore_errors=True)
+        self.clear_work(name)
+
+    # ----------------------------------------------------------------- sharing
+    def export(self, name: str, dest: str | Path, include_photos: bool = True) -> Path:
+        """One .safetensors: residuals + thumbnail/photos/masks as uint8 tensors, metadata JSON in the header."""
+        meta = self.meta(name)
+        folder = self.folder(name)
+        tensors = {key: value for key, value in self.residuals(name).items()}
+        images = [("thumbnail", THUMBNAIL)] if (folder / THUMBNAIL).is_file() else []
+        if include_photos:
+            images += [(f"photo.{i}", p) for i, p in enumerate(meta.get("photos", []))]
+            images += [(f"mask.{i}", p) for i, p in enumerate(meta.get("masks", []))]
+        for key, file_name in images:
+            with Image.open(folder / file_name) as image:
+                tensors[key] = torch.from_numpy(np.array(image.convert("L" if key.startswith("mask") else "RGB")))
+        if not include_photos:
+            meta = {**meta, "photos": [], "masks": []}
+        dest = Path(dest).expanduser()
+        if dest.is_dir():
+            dest = dest / f"{name}.safetensors"
+        if dest.suffix != ".safetensors":
+            raise InputError(f"export to a .safetensors file (got {dest.name})")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={EXPORT_KEY: json.dumps(meta)})
+        os.replace(partial, dest)
+        return dest
+
+    def import_file(self, path: str | Path, name: str | None = None, overwrite: bool = False) -> SubjectInfo:
+        path = Path(path).expanduser()
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise InputError(f"{path.name}: import a subject from a .safetensors file exported by Troupe")
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                header = file.metadata() or {}
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+        except Exception as error:  # not a safetensors file
+            raise InputError(f"{path.name}: not a readable safetensors file ({error})") from error
+        if EXPORT_KEY not in header:
+            raise InputError(f"{path.name}: no Troupe subject metadata in this file")
+        try:
+            meta = json.loads(header[EXPORT_KEY])
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path.name}: the subject metadata is not valid JSON") from error
+        meta = _validate_meta(meta, path.name)
+        allowed = set(ENCODER_KEYS) | {"thumbnail"} | {f"photo.{i}" for i in range(len(meta.get("photos", [])))} \
+            | {f"mask.{i}" for i in range(len(meta.get("masks", [])))}
+        unknown = set(tensors) - allowed
+        if unknown:
+            raise InputError(f"{path.name}: unexpected tensors {', '.join(sorted(unknown))}")
+        residuals = _check_residuals({k: v for k, v in tensors.items() if k in ENCODER_KEYS}, path.name)
+        photos = [_to_image(tensors[f"photo.{i}"], "RGB", path.name) for i in range(len(meta.get("photos", [])))]
+        masks = [_to_image(tensors[f"mask.{i}"], "L", path.name) for i in range(len(meta.get("masks", [])))]
+        if not photos and "thumbnail" in tensors:
+            photos = [_to_image(tensors["thumbnail"], "RGB", path.name)]
+            masks = [Image.new("L", photos[0].size, 255)]
+        info = SubjectInfo(name=check_subject_name(name or meta["name"]), class_word=meta["class_word"],
+                           family=meta["family"], fingerprint=meta["fingerprint"], created=meta["created"],
+                           steps=meta["steps"], loss_curve=tuple(meta.get("loss_curve", [])))
+        return self.add(info, residuals, photos, masks, overwrite=overwrite, stats=meta.get("stats"))
+
+    def push(self, name: str, repo_id: str, token: str | None = None, path_in_repo: str | None = None) -> str:
+        """Upload the exported subject to a Hub repo; returns the file's path in the repo."""
+        import huggingface_hub
+
+        path_in_repo = path_in_repo or f"{name}.safetensors"
+        with tempfile.TemporaryDirectory() as folder:
+            exported = self.export(name, Path(folder) / f"{name}.safetensors")
+            huggingface_hub.upload_file(path_or_fileobj=str(exported), path_in_repo=path_in_repo, repo_id=repo_id,
+                                        token=token, commit_message=f"Troupe subject {name}")
+        return path_in_repo
+
+    def pull(self, repo_id: str, filename: str, name: str | None = None, token: str | None = None,
+             revision: str | None = None, overwrite: bool = False) -> SubjectInfo:
+        import huggingface_hub
+
+        if not filename.endswith(".safetensors"):
+            raise InputError(f"{filename}: subjects are shared as .safetensors files")
+        local = huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, token=token, revision=revision)
+        return self.import_file(Path(local), name=name, overwrite=overwrite)
+
+
+def _to_image(tensor: torch.Tensor, mode: str, where: str) -> Image.Image:
+    ok = tensor.dtype == torch.uint8 and ((mode == "L" and tensor.ndim == 2) or
+                                          (mode == "RGB" and tensor.ndim == 3 and tensor.shape[2] == 3))
+    if not ok or min(tensor.shape[:2]) < 1 or max(tensor.shape[:2]) > 4096:
+        raise InputError(f"{where}: an embedded image has a bad shape or type")
+    return Image.fromarray(tensor.numpy()).convert(mode)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
