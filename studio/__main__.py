@@ -12,7 +12,7 @@ import sys
 
 from engines.types import Cancelled, InputError
 
-COMMAND_MODULES = ("studio.cli_generate",)
+COMMAND_MODULES = ("studio.cli_generate", "studio.ui")
 
 
 def build_parser() -> argparse.ArgumentParser:
