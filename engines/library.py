@@ -294,7 +294,7 @@ class SubjectLibrary:
         if not include_photos:
             meta = {**meta, "photos": [], "masks": []}
         dest = Path(dest).expanduser()
-        if dest.is_dir():
+        if dest.is_dir() or not dest.suffix:  # a folder (existing, or to be made)
             dest = dest / f"{name}.safetensors"
         if dest.suffix != ".safetensors":
             raise InputError(f"export to a .safetensors file (got {dest.name})")
