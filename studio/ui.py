@@ -62,7 +62,8 @@ GpuWrapper = Callable[[Callable, Callable[..., float]], Callable]  # (fn, second
 def launch_options() -> dict[str, Any]:
     """Theme and CSS: in Gradio 6 they are arguments of `launch()`."""
     theme = gr.themes.Soft(primary_hue="orange", secondary_hue="slate", neutral_hue="slate",
-                           font=[gr.themes.GoogleFont("Inter"), "ui-sans-serif", "system-ui", "sans-serif"])
+                           font=["Inter", "ui-sans-serif", "system-ui", "sans-serif"],
+                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
     return {"theme": theme, "css": (STATIC / "studio.css").read_text()}
 
 
@@ -301,10 +302,10 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                             canvas_box = canvas.canvas_component(
                                 canvas.empty_canvas(native, native, suggestions(studio.subjects())))
                             with gr.Row(elem_classes="tr-add-row"):
-                                add_label = gr.Dropdown([], value=None, allow_custom_value=True, show_label=False,
-                                                        container=False, scale=4, elem_id="add-region-label",
-                                                        info=None, interactive=True)
-                                add_btn = gr.Button("＋ Add region", size="sm", scale=1, elem_id="add-region-btn")
+                                add_label = gr.Dropdown([], value=None, allow_custom_value=True,
+                                                        label="New region for a <subject> or words of the prompt",
+                                                        scale=4, elem_id="add-region-label", interactive=True)
+                                add_btn = gr.Button("+ Add region", size="sm", scale=1, elem_id="add-region-btn")
                                 clear_btn = gr.Button("Clear canvas", size="sm", scale=1, variant="secondary",
                                                       elem_id="clear-canvas-btn")
                     with gr.Column(scale=5, min_width=380):
@@ -317,13 +318,9 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                             generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
                         gen_status = gr.HTML(_idle_html("Ready."), elem_id="gen-status")
-                        with gr.Row(equal_height=True):
-                            preview = gr.Image(label="Live preview", type="pil", format="png", height=180,
-                                               interactive=False, elem_id="preview", scale=1,
-                                               buttons=[])
-                            results = gr.Gallery(label="Results", format="png", columns=2, height=300,
-                                                 elem_id="result-gallery", scale=2, interactive=False,
-                                                 buttons=["download", "fullscreen"])
+                        results = gr.Gallery(label="Results (live preview while generating)", format="png",
+                                             columns=2, height=380, elem_id="result-gallery", interactive=False,
+                                             object_fit="contain", buttons=["download", "fullscreen"])
                         with gr.Accordion("Settings for this image", open=True, elem_classes="tr-card"):
                             with gr.Row():
                                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed", minimum=0)
@@ -499,24 +496,23 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                 guidance=GuidanceConfig(strength=float(values["strength"])))
 
         def generate(request: gr.Request, *values: Any):
-            """Stream: (status, preview, results). Bad input: a readable error, nothing changes."""
+            """Stream: (status, results: previews while running, then the PNGs). Bad input: a readable error, nothing changes."""
             try:
                 req = _request_from(dict(zip(gen_keys, values)), request)
                 target = sessions.studio_for(request)
                 cancel = sessions.cancel_flag(request, "generate", fresh=True)
-                yield _progress_html("Starting…", extra="waiting for the model"), gr.skip(), gr.skip()
+                yield _progress_html("Starting…", extra="waiting for the model"), gr.skip()
                 for kind, item in _stream(lambda cb, ev: target.generate(req, cb, ev), cancel):
                     if kind == "progress":
-                        preview_image = item.preview if item.preview is not None else gr.skip()
-                        yield _progress_html("Generating", item), preview_image, gr.skip()
+                        preview_image = [item.preview] if item.preview is not None else gr.skip()
+                        yield _progress_html("Generating", item), preview_image
                     else:
                         paths = _save_pngs(item.images, item.metadata, sessions.outputs(request))
                         seeds = ", ".join(str(s) for s in item.seeds)
                         took = item.timings.get("total", 0.0)
-                        yield (_progress_html("Done", extra=f"seed {seeds} · {took:.1f}s", state="done"),
-                               gr.skip(), paths)
+                        yield _progress_html("Done", extra=f"seed {seeds} · {took:.1f}s", state="done"), paths
             except Cancelled:
-                yield _idle_html("Stopped — nothing was changed."), gr.skip(), gr.skip()
+                yield _idle_html("Stopped — nothing was changed."), gr.skip()
             except Exception as error:  # noqa: BLE001
                 raise _say(error) from None
 
@@ -525,9 +521,9 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             return min(120.0, 10.0 + 0.6 * float(v.get("steps") or 20) * float(v.get("num_images") or 1))
 
         gen_event = generate_btn.click(
-            on_gpu(generate, generate_seconds), list(gen_widgets.values()), [gen_status, preview, results],
+            on_gpu(generate, generate_seconds), list(gen_widgets.values()), [gen_status, results],
             api_name="generate", concurrency_id="gpu", concurrency_limit=1)
-        prompt.submit(on_gpu(generate, generate_seconds), list(gen_widgets.values()), [gen_status, preview, results],
+        prompt.submit(on_gpu(generate, generate_seconds), list(gen_widgets.values()), [gen_status, results],
                       api_visibility="undocumented", concurrency_id="gpu", concurrency_limit=1)
 
         def stop(request: gr.Request) -> None:
@@ -647,8 +643,10 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             [reg_status, subject_gallery], api_name="register", concurrency_id="gpu", concurrency_limit=1)
         reg_event.then(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery], api_visibility="undocumented").then(
             refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
-        reg_stop.click(lambda request: sessions.cancel_flag(request, "register").set(), None, None, queue=False,
-                       api_visibility="undocumented")
+        def stop_register(request: gr.Request) -> None:
+            sessions.cancel_flag(request, "register").set()
+
+        reg_stop.click(stop_register, None, None, queue=False, api_visibility="undocumented")
 
         def on_subject_select(evt: gr.SelectData, request: gr.Request):
             subs = subjects_of(request)

@@ -27,7 +27,7 @@ MAX_REGIONS = 16
 _TEMPLATE = """
 <div class="tc-root">
   <div class="tc-toolbar">
-    <span>Drag on the canvas to draw · drag a box to move · corners resize · Del deletes · arrows nudge</span>
+    <span>Drag to draw · Shift-drag over a box · drag to move · handles resize · Del deletes</span>
     <span class="tc-size"></span>
   </div>
   <div class="tc-main">

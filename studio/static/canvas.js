@@ -69,7 +69,7 @@ function nextId() {
 function renderStage() {
   const ratio = state.width / state.height;
   stage.style.aspectRatio = `${state.width} / ${state.height}`;
-  stage.style.width = `min(100%, ${Math.round(440 * ratio)}px)`;
+  stage.style.width = `min(100%, ${Math.round(500 * ratio)}px)`;
   sizeTag.textContent = `${state.width} × ${state.height}`;
   stage.querySelectorAll(".tc-box").forEach((el) => el.remove());
   state.regions.forEach((r, i) => {
@@ -171,7 +171,7 @@ stage.addEventListener("pointerdown", (e) => {
   const [px, py] = point(e);
   const handle = e.target.closest(".tc-handle");
   const boxEl = e.target.closest(".tc-box");
-  if (boxEl) {
+  if (boxEl && !e.shiftKey) {  // Shift-drag always draws, even over another box
     const r = state.regions.find((x) => x.id === boxEl.dataset.id);
     select(r.id);
     gesture = { mode: handle ? "resize" : "move", handle: handle && handle.dataset.handle, r, start: [px, py], orig: r.box.slice() };
