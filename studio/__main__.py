@@ -12,7 +12,7 @@ import sys
 
 from engines.types import Cancelled, InputError
 
-COMMAND_MODULES = ("studio.cli_generate", "studio.ui")
+COMMAND_MODULES = ("studio.cli_generate", "studio.ui", "studio.cli_subjects")
 
 
 def build_parser() -> argparse.ArgumentParser:
