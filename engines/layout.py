@@ -16,7 +16,9 @@ import torch
 from engines.types import GuidanceConfig, Layout
 
 BACKGROUND = -1
-HARD_MASK = -1e4  # exp(-1e4) is 0 in every dtype; -1e8 (the public code) overflows fp16 to -inf and NaNs at η = 0
+# Biases are clamped here after scaling by η(t): exp(-1e4) is 0 in every dtype, while the public code's -1e8 would
+# overflow fp16 to -inf. Clamping after (not before) the scaling keeps -1e8 a hard mask even where η(t) is tiny.
+HARD_MASK = -1e4
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,10 @@ def token_weight_matrix(owner: torch.Tensor, region_positions: Sequence[Sequence
     other_region_weight where another region owns it, background_weight where none does; 0 for tokens no region
     binds. owner is (HW,); returns (HW, T)."""
     weights = torch.zeros(owner.numel(), num_tokens, dtype=torch.float32)
-    clamp = lambda w: max(w, HARD_MASK)  # noqa: E731
     for index, positions in enumerate(region_positions):
-        column = torch.full((owner.numel(),), clamp(config.other_region_weight))
-        column[owner == index] = clamp(config.inside_weight)
-        column[owner == BACKGROUND] = clamp(config.background_weight)
+        column = torch.full((owner.numel(),), config.other_region_weight)
+        column[owner == index] = config.inside_weight
+        column[owner == BACKGROUND] = config.background_weight
         weights[:, list(positions)] = column[:, None]
     return weights
 

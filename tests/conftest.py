@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny SD1.5/SDXL model folders (built once per session) and their loaded bundles."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_models
+sys.path.insert(0, str(Path(__file__).parent.parent))  # the repository (engines, studio, kernels)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and os.environ.get("RUN_SLOW") != "1":
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny
+
+    return save_tiny("sd15", tmp_path_factory.mktemp("tiny_sd15"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny
+
+    return save_tiny("sdxl", tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sd15(tiny_sd15_dir):
+    from engines.models import load_model
+    from engines.types import ModelSpec
+
+    return load_model(ModelSpec(str(tiny_sd15_dir)))
+
+
+@pytest.fixture(scope="session")
+def sdxl(tiny_sdxl_dir):
+    from engines.models import load_model
+    from engines.types import ModelSpec
+
+    return load_model(ModelSpec(str(tiny_sdxl_dir)))

@@ -1,0 +1,89 @@
+"""Region ownership per attention resolution (exact area, z-order), Eq. 7 weights, the η(t) schedule and the
+moment-based std used inside the attention processor."""
+
+import math
+
+import pytest
+import torch
+
+from engines.layout import (
+    BACKGROUND,
+    attention_resolutions,
+    box_coverage,
+    build_maps,
+    guidance_scale_at,
+    region_owners,
+    sigma_at,
+)
+from engines.types import GuidanceConfig, InputError, Layout, Region
+from kernels.region_attention import score_std
+
+
+def test_coverage_is_exact_area():
+    coverage = box_coverage([(0.0, 0.0, 0.375, 1.0)], 1, 4)  # 1.5 of 4 cells
+    assert coverage[0, 0].tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+def test_front_layer_owns_the_overlap_whatever_the_list_order():
+    back, front = Region("dog", (0.0, 0.0, 0.75, 1.0), layer=0), Region("cat", (0.25, 0.0, 1.0, 1.0), layer=1)
+    for regions, front_index in (((back, front), 1), ((front, back), 0)):
+        owner = region_owners(Layout(regions), 4, 4)
+        assert (owner[:, 1:3] == front_index).all()
+        assert (owner[:, 0] == 1 - front_index).all()
+
+
+def test_equal_layers_later_region_in_front():
+    a, b = Region("dog", (0.0, 0.0, 1.0, 1.0)), Region("cat", (0.0, 0.0, 1.0, 1.0))
+    assert (region_owners(Layout((a, b)), 2, 2) == 1).all()
+
+
+def test_small_box_keeps_one_cell_unless_hidden_in_front():
+    tiny = Region("dog", (0.1, 0.1, 0.2, 0.2))
+    owner = region_owners(Layout((tiny,)), 4, 4)
+    assert (owner == 0).sum() == 1 and owner[0, 0] == 0
+    cover = Region("cat", (0.0, 0.0, 1.0, 1.0), layer=1)
+    assert (region_owners(Layout((tiny, cover)), 4, 4) == 1).all()
+
+
+def test_background_is_unowned():
+    owner = region_owners(Layout((Region("dog", (0.0, 0.0, 0.5, 0.5)),)), 4, 4)
+    assert (owner[2:, :] == BACKGROUND).all() and (owner[:2, :2] == 0).all()
+
+
+def test_resolutions_follow_the_unet_downsampling():
+    assert attention_resolutions(13, 20, 3) == [(13, 20), (7, 10), (4, 5)]
+
+
+def test_weight_matrix_and_self_bound():
+    layout = Layout((Region("dog", (0.0, 0.0, 0.5, 1.0)), Region("cat", (0.5, 0.0, 1.0, 0.5))))
+    config = GuidanceConfig(bound_self_attention=True)
+    maps = build_maps(layout, [(4,), (6,)], 77, (2, 2), levels=1, config=config)[4]
+    # cells row-major: (0,0) dog, (0,1) cat, (1,0) dog, (1,1) background
+    assert maps.token_weights[:, 4].tolist() == [2.5, -1e8, 2.5, 0.0]
+    assert maps.token_weights[:, 6].tolist() == [-1e8, 2.5, -1e8, 0.0]
+    assert maps.token_weights[:, 5].abs().sum() == 0
+    assert maps.self_blocked[0].tolist() == [False, True, False, False]
+    assert not maps.self_blocked[3].any()
+
+
+def test_eta_schedule_fades_and_respects_the_guided_fraction():
+    alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)
+    assert sigma_at(alphas, 999) == pytest.approx(14.6, abs=0.1)  # the public code's first σ
+    early, late = guidance_scale_at(GuidanceConfig(), alphas, 999), guidance_scale_at(GuidanceConfig(), alphas, 20)
+    assert early == pytest.approx(0.08 * math.log1p(14.6**2), rel=0.01) and late < early / 10
+    half = GuidanceConfig(guided_fraction=0.5)
+    assert guidance_scale_at(half, alphas, 600) > 0 and guidance_scale_at(half, alphas, 400) == 0
+
+
+def test_score_std_equals_the_std_of_the_materialised_scores():
+    torch.manual_seed(0)
+    query, key = torch.randn(3, 4, 50, 8) + 0.3, torch.randn(3, 4, 77, 8) - 0.2
+    scores = query @ key.transpose(-1, -2)  # (B, H, N, T)
+    expected = scores.reshape(3, -1).std(dim=1, unbiased=False)
+    assert torch.allclose(score_std(query, key), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("box", [(0.5, 0.0, 0.5, 1.0), (-0.1, 0, 1, 1), (0, 0, 1, 1.2), (0.6, 0, 0.4, 1)])
+def test_bad_boxes_are_refused(box):
+    with pytest.raises(InputError):
+        Region("dog", box)
