@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in [0, 1] of the canvas
 Family = Literal["sd15", "sd2", "sdxl", "demo"]
@@ -90,12 +91,12 @@ class GuidanceConfig:
         _require(0.0 <= self.guided_fraction <= 1.0, "guided fraction must be in [0, 1]")
 
     @classmethod
-    def cones2_public(cls) -> "GuidanceConfig":
+    def cones2_public(cls) -> GuidanceConfig:
         """Exactly the public Cones 2 code: the subject's tokens are masked out everywhere but its region."""
         return cls(strength=0.08, inside_weight=2.5, other_region_weight=-1e8, background_weight=-1e8)
 
     @classmethod
-    def off(cls) -> "GuidanceConfig":
+    def off(cls) -> GuidanceConfig:
         return cls(strength=0.0)
 
 
@@ -130,7 +131,7 @@ class GenerateRequest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GenerateRequest":
+    def from_dict(cls, data: dict[str, Any]) -> GenerateRequest:
         """Inverse of `to_dict`; unknown keys are an error, so a typo never silently changes a picture."""
         data = dict(data)
         _reject_unknown(cls, data)

@@ -3,10 +3,10 @@
 import logging
 
 import pytest
+from tiny_models import tiny_tokenizer
 
 from engines.prompts import expand_subjects, parse_prompt
 from engines.types import InputError, Layout, Region
-from tiny_models import tiny_tokenizer
 
 TOKENIZERS = [tiny_tokenizer()]
 
