@@ -1,0 +1,93 @@
+"""Time cost of layout guidance over the unguided run, same model, seed, steps and size.
+
+    python scripts/bench_guidance.py                                   # the demo model
+    python scripts/bench_guidance.py --model path/to/diffusers_folder
+    python scripts/bench_guidance.py --random-arch sd15 --size 512      # full-size SD 1.5 shapes, random weights
+    python scripts/bench_guidance.py --random-arch sdxl --size 1024 --steps 20
+
+Prints seconds per image for: no layout; two regions (Troupe's default guidance); two regions with self-attention
+bounded; the public Cones 2 settings — and each one's overhead over the unguided run. Median of --repeats runs
+after one warm-up, so compile/allocation noise stays out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from engines.generate import Generator  # noqa: E402
+from engines.models import ModelBundle, load_model, text_encoder_fingerprint  # noqa: E402
+from engines.types import GenerateRequest, GuidanceConfig, Layout, ModelSpec, Region  # noqa: E402
+
+PROMPT = "a photo of dog and cat on the beach"
+LAYOUT = Layout((Region("dog", (0.05, 0.3, 0.5, 0.9)), Region("cat", (0.45, 0.2, 0.95, 0.8), layer=1)))
+CASES = {
+    "no layout": (Layout(), GuidanceConfig()),
+    "2 regions, Troupe default": (LAYOUT, GuidanceConfig()),
+    "2 regions, + bounded self-attention": (LAYOUT, GuidanceConfig(bound_self_attention=True)),
+    "2 regions, Cones 2 public settings": (LAYOUT, GuidanceConfig.cones2_public()),
+}
+
+
+def bundle_for(args) -> ModelBundle:
+    if args.random_arch:
+        from scripts.bench_register import random_pipeline
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        pipe = random_pipeline(args.random_arch, device, dtype)
+        return ModelBundle(pipe, ModelSpec(f"random-{args.random_arch}"), args.random_arch, device, dtype,
+                           text_encoder_fingerprint(pipe))
+    return load_model(ModelSpec(args.model))
+
+
+def time_case(generator: Generator, request: GenerateRequest, repeats: int) -> float:
+    def once() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        generator(request)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    once()  # warm-up
+    return statistics.median(once() for _ in range(repeats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--random-arch", choices=("sd15", "sdxl"), default=None)
+    parser.add_argument("--size", type=int, default=None, help="image side (the model's native size if omitted)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = bundle_for(args)
+    generator = Generator(bundle)
+    device = torch.cuda.get_device_name() if bundle.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    size = args.size or bundle.native_size
+    print(f"model {bundle.spec.source} ({bundle.family}), {size}×{size}, {args.steps} steps, CFG on, {device}")
+    baseline = None
+    for name, (layout, guidance) in CASES.items():
+        request = GenerateRequest(PROMPT, layout=layout, guidance=guidance, seed=0, steps=args.steps,
+                                  width=size, height=size)
+        seconds = time_case(generator, request, args.repeats)
+        baseline = baseline or seconds
+        print(f"{name:38s} {seconds:8.3f} s/image   overhead {100 * (seconds / baseline - 1):+6.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
