@@ -63,7 +63,8 @@ class RegisterPreset:
     reg_batch: int  # bank sentences per step for L_reg
     reg_pool: int  # bank sentences whose frozen outputs are precomputed for L_reg
     delta_sentences: int  # bank sentences averaged in Eq. 5
-    checkpoint_every: int  # steps between resumable checkpoints (0: only when cancelled)
+    checkpoint_every: int  # steps between resumable checkpoints (0: only when cancelled). A checkpoint holds the
+    # fp32 encoder(s) and AdamW moments: ~1.5 GB for SD 1.5, ~10 GB for SDXL, so it is written sparingly
     gradient_checkpointing: bool = False
     why: str = ""
 
@@ -80,7 +81,7 @@ PRESETS: dict[str, RegisterPreset] = {
         why="a first look in seconds: few steps at a high lr; Δ from 256 sentences (its mean is already stable)"),
     "standard": RegisterPreset(
         steps=300, lr=2e-5, reg_weight=1.0, batch=4, reg_batch=8, reg_pool=256, delta_sentences=1000,
-        checkpoint_every=100,
+        checkpoint_every=150,
         why="the default: 300 steps × 4 photos ≈ 1,200 photo-steps (the paper's 4,000 × 1 at 4× the lr is "
             "~16× more update); Δ over the paper's 1,000 sentences; fits well under a minute on one GPU"),
     "thorough": RegisterPreset(
@@ -221,9 +222,12 @@ def class_mask(pos: torch.Tensor, n_class: int, length: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- registration
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+def _autocast_dtype(device: torch.device, unet_dtype: torch.dtype) -> torch.dtype | None:
+    """CUDA: autocast in the UNet's half dtype (no fp16/bf16 mixing); an fp32 UNet gets bf16 where supported."""
     if device.type != "cuda":
         return None
+    if unet_dtype in (torch.float16, torch.bfloat16):
+        return unet_dtype
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
@@ -353,7 +357,7 @@ class _Trainer:
         self.device = bundle.device
         self.xl = bundle.is_xl
         self.class_word = " ".join(request.class_word.split())
-        self.amp = _autocast_dtype(self.device)
+        self.amp = _autocast_dtype(self.device, self.pipe.unet.dtype)
 
     def autocast(self):
         if self.amp is None:
@@ -428,7 +432,8 @@ class _Trainer:
         for e in tuned:
             e.train().requires_grad_(True)
             if preset.gradient_checkpointing:
-                e.gradient_checkpointing_enable()
+                enable = getattr(e, "activation_checkpointing_enable", None) or e.gradient_checkpointing_enable
+                enable()
         optimizer = _make_optimizer(params, preset.lr, device)
         scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         generator = torch.Generator(device).manual_seed(self.request.seed)

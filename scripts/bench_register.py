@@ -1,0 +1,164 @@
+"""Registration time per preset (Cones 2 residual training) on a given model.
+
+    python scripts/bench_register.py                          # the demo model (a tiny random model if it is absent)
+    python scripts/bench_register.py --model path/to/diffusers_folder
+    python scripts/bench_register.py --random-arch sd15       # full-size SD 1.5 shapes, random weights, no download
+    python scripts/bench_register.py --random-arch sdxl --presets quick,standard
+    python scripts/bench_register.py --random-arch sd15 --max-steps 5    # time a few steps, extrapolate the rest
+
+Prints one row per preset: steps run, wall seconds, seconds per training step, the estimated full-preset time
+(setup + s/step × preset steps), L_sub on a fixed set before → after, held-out preservation error and Δ bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from engines.library import SubjectLibrary  # noqa: E402
+from engines.models import DEMO_MODEL_DIR, ModelBundle, load_model, text_encoder_fingerprint  # noqa: E402
+from engines.register import PRESETS, register_subject  # noqa: E402
+from engines.types import ModelSpec, RegisterRequest  # noqa: E402
+
+
+def random_pipeline(arch: str, device: torch.device, dtype: torch.dtype):
+    """Full-size SD 1.5 / SDXL architectures with random weights (configs written out here; nothing downloaded)."""
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tests.tiny_models import tiny_tokenizer  # a small BPE vocab: its ids fit any CLIP embedding table
+
+    tokenizer = tiny_tokenizer()
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1)
+    vae_blocks = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
+    with torch.device(device):
+        torch.manual_seed(0)
+        if arch == "sd15":
+            unet = UNet2DConditionModel(
+                sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), attention_head_dim=8,
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+            pipe = StableDiffusionPipeline(
+                vae=AutoencoderKL(sample_size=512, **vae_blocks), text_encoder=CLIPTextModel(clip_l),
+                tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+        else:
+            big_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                   num_attention_heads=20, vocab_size=49408, max_position_embeddings=77,
+                                   projection_dim=1280, hidden_act="gelu")
+            unet = UNet2DConditionModel(
+                sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816, cross_attention_dim=2048)
+            pipe = StableDiffusionXLPipeline(
+                vae=AutoencoderKL(sample_size=1024, scaling_factor=0.13025, force_upcast=True, **vae_blocks),
+                text_encoder=CLIPTextModel(clip_l), text_encoder_2=CLIPTextModelWithProjection(big_g),
+                tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_bundle(args) -> tuple[ModelBundle, str]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.random_arch:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        pipe = random_pipeline(args.random_arch, device, dtype)
+        return (ModelBundle(pipe, ModelSpec(f"random-{args.random_arch}"), args.random_arch, device, dtype,
+                            text_encoder_fingerprint(pipe)), f"random {args.random_arch} (full size)")
+    source = args.model
+    if source == "demo" and not (DEMO_MODEL_DIR / "model_index.json").exists():
+        from tests.tiny_models import save_tiny
+
+        source = save_tiny("sd15", Path(tempfile.mkdtemp(prefix="troupe-tiny-")) / "tiny_sd15")
+        print(f"(the demo model is not built yet: {DEMO_MODEL_DIR}; using a tiny random SD 1.5 instead)",
+              file=sys.stderr)
+        return load_model(ModelSpec(str(source), device=args.device)), "tiny random sd15 (demo model absent)"
+    return load_model(ModelSpec(source, device=args.device)), source
+
+
+def make_photos(folder: Path, size: int, count: int = 4) -> tuple[str, ...]:
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", (size + 16 * i, size), (40 + 20 * i, 140, 60))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((size * 0.25 + 8 * i, size * 0.2, size * 0.75 + 8 * i, size * 0.8), fill=(200, 40, 30))
+        draw.rectangle((size * 0.4 + 8 * i, size * 0.35, size * 0.6 + 8 * i, size * 0.5), fill=(250, 220, 40))
+        path = folder / f"photo{i}.png"
+        image.save(path)
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--random-arch", choices=("sd15", "sdxl"), default=None)
+    parser.add_argument("--presets", default="quick,standard,thorough")
+    parser.add_argument("--max-steps", type=int, default=None, help="run at most this many steps per preset and "
+                                                                   "extrapolate the full time")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--class-word", default="dog")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    bundle, label = build_bundle(args)
+    load_seconds = time.perf_counter() - started
+    print(f"model: {label}  family {bundle.family}  device {bundle.device}  dtype {bundle.dtype}  "
+          f"native {bundle.native_size}px  (built/loaded in {load_seconds:.1f}s)")
+    if bundle.device.type == "cuda":
+        print(f"gpu: {torch.cuda.get_device_name(bundle.device)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        photos = make_photos(Path(folder), bundle.native_size)
+        for preset_name in args.presets.split(","):
+            preset = PRESETS[preset_name]
+            steps = min(preset.steps, args.max_steps) if args.max_steps else preset.steps
+            library = SubjectLibrary(Path(folder) / f"lib-{preset_name}")
+            stamps: list[float] = []
+            if bundle.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            begin = time.perf_counter()
+            register_subject(bundle, RegisterRequest("bench", args.class_word, photos, preset=preset_name), library,
+                             on_progress=lambda p: stamps.append(time.perf_counter()),
+                             overrides={"steps": steps, "checkpoint_every": 0})
+            total = time.perf_counter() - begin
+            per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else stamps[0] - begin
+            setup = total - per_step * steps
+            stats = library.meta("bench")["stats"]
+            size = (library.root / "bench" / "residuals.safetensors").stat().st_size
+            peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
+            rows.append((preset_name, steps, preset.steps, total, per_step, setup + per_step * preset.steps,
+                         stats["l_sub_eval_before"], stats["l_sub_eval_after"], stats["heldout_preservation_error"],
+                         size, peak))
+    print()
+    print(f"{'preset':<9} {'steps':>5} {'of':>5} {'seconds':>8} {'s/step':>7} {'est.full s':>10} "
+          f"{'L_sub before→after':>20} {'held-out err':>12} {'Δ bytes':>8} {'peak GiB':>8}")
+    for name, steps, full, total, per_step, estimate, before, after, err, size, peak in rows:
+        print(f"{name:<9} {steps:>5} {full:>5} {total:>8.2f} {per_step:>7.3f} {estimate:>10.1f} "
+              f"{before:>9.4f}→{after:<9.4f} {err:>12.4f} {size:>8} {peak:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
