@@ -209,3 +209,43 @@ def test_push_pull_through_a_local_stand_in(library, tmp_path, monkeypatch):
                                                  library.residuals("rex")["text_encoder"])
     with pytest.raises(InputError, match="safetensors"):
         other.pull("me/subjects", "rex.bin")
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_cli_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, studio.cli_subjects; raise SystemExit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent).returncode == 0
+
+
+def test_cli_register_and_manage_subjects(tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    import engines.register
+    from studio.__main__ import main
+    from tests.tiny_models import save_tiny
+
+    monkeypatch.setitem(engines.register.PRESETS, "quick", replace(engines.register.PRESETS["quick"], steps=3,
+                                                                    reg_pool=16, delta_sentences=32))
+    model = save_tiny("sd15", tmp_path / "tiny")
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (80, 64), (200, 30, 30)).save(photo)
+    lib = str(tmp_path / "lib")
+    args = ["register", "--model", str(model), "--name", "rex", "--class", "dog", str(photo), "--preset", "quick",
+            "--library", lib, "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "registered <rex>" in out.out and "step 3/3" in out.err and "loss" in out.err
+    assert main(["subjects", "list", "--library", lib]) == 0 and "rex" in capsys.readouterr().out
+    assert main(["subjects", "rename", "rex", "../x", "--library", lib]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: subject name '../x' is not allowed")
+    assert main(["subjects", "export", "rex", str(tmp_path / "out"), "--library", lib]) == 0
+    assert main(["subjects", "import", str(tmp_path / "out" / "rex.safetensors"), "--name", "rex2",
+                 "--library", lib]) == 0
+    assert main(["subjects", "delete", "rex", "--library", lib]) == 0
+    assert [s.name for s in SubjectLibrary(lib).list()] == ["rex2"]
+    assert main(["subjects", "delete", "nobody", "--library", lib]) == 2
+    assert "no subject named 'nobody' (registered: rex2)" in capsys.readouterr().err
