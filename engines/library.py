@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -223,6 +224,7 @@ class SubjectLibrary:
         }
         _validate_meta(meta, f"subject '{name}'")
         self.root.mkdir(parents=True, exist_ok=True)
+        self._sweep()
         temp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
         try:
             save_file(residuals, str(temp / RESIDUALS))
@@ -249,6 +251,14 @@ class SubjectLibrary:
             shutil.rmtree(temp, ignore_errors=True)
             raise
         return self.get(name)
+
+    def _sweep(self, stale_seconds: float = 24 * 3600) -> None:
+        """Remove leftovers of interrupted writes: trash always, half-built folders once they are a day old."""
+        now = time.time()
+        for path in self.root.iterdir():
+            if path.name.startswith(".trash-") or (path.name.startswith(".tmp-") and
+                                                    now - path.stat().st_mtime > stale_seconds):
+                shutil.rmtree(path, ignore_errors=True)
 
     def rename(self, old: str, new: str) -> SubjectInfo:
         self.get(old)

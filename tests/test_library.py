@@ -56,6 +56,21 @@ def test_add_get_list_residuals(library):
     assert not [p for p in library.root.iterdir() if p.name.startswith(".tmp")]  # nothing transient left
 
 
+def test_leftovers_of_killed_writes_are_swept(library):
+    import os
+    import time
+
+    add(library)
+    old, fresh, trash = library.root / ".tmp-bo-old", library.root / ".tmp-bo-new", library.root / ".trash-x-1"
+    for folder in (old, fresh, trash):
+        folder.mkdir()
+        (folder / "subject.json").write_text("{}")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    assert [s.name for s in library.list()] == ["rex"]  # leftovers are never listed
+    add(library, "ada")
+    assert not old.exists() and not trash.exists() and fresh.exists()  # a fresh one may be another writer's
+
+
 def test_storage_is_a_few_kilobytes_plus_photos(library):
     """An SDXL-size subject (768 + 1280 floats) with a 1,000-point loss curve: residuals + metadata < 12 KB."""
     images, masks = photos()
