@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -239,7 +240,7 @@ def _make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.d
 
             return bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         except ImportError:
-            pass
+            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
@@ -253,7 +254,9 @@ def _file_digest(path: str) -> str:
 
 def _request_key(bundle, request: RegisterRequest, preset: RegisterPreset) -> str:
     payload = {"request": {**asdict(request), "photos": [_file_digest(p) for p in request.photos]},
-               "preset": asdict(preset), "fingerprint": bundle.fingerprint, "family": bundle.family}
+               "preset": asdict(preset), "fingerprint": bundle.fingerprint, "family": bundle.family,
+               # optimizer state is not portable between AdamW8bit (CUDA + bitsandbytes) and torch AdamW
+               "device": bundle.device.type, "bnb": importlib.util.find_spec("bitsandbytes") is not None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -350,6 +353,21 @@ def register_subject(bundle, request: RegisterRequest, library, on_progress: Pro
     return result
 
 
+def _trainable_copy(encoder: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """An fp32 copy of a text encoder, detached from any offload hooks of the pipeline."""
+    if any(not p.is_floating_point() for p in encoder.parameters()):
+        raise InputError("registering a subject trains a copy of the text encoder, which cannot be quantized: load "
+                         "the model with quantization none for registration (the UNet may stay quantized)")
+    tuned = copy.deepcopy(encoder)
+    try:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(tuned, recurse=True)
+    except ImportError:
+        pass
+    return tuned.to(device, torch.float32).eval().requires_grad_(False)
+
+
 class _Trainer:
     def __init__(self, bundle, request: RegisterRequest, preset: RegisterPreset, prepared):
         self.bundle, self.request, self.preset, self.prepared = bundle, request, preset, prepared
@@ -396,7 +414,7 @@ class _Trainer:
         tokenizers = self.bundle.tokenizers
         frozen_encoders = self.bundle.text_encoders
         # E^custom: fp32 master copies; the bundle's encoders are never touched
-        tuned = [copy.deepcopy(e).to(device, torch.float32).eval().requires_grad_(False) for e in frozen_encoders]
+        tuned = [_trainable_copy(e, device) for e in frozen_encoders]
         n_class = [len(class_token_ids(t, self.class_word)) for t in tokenizers]
 
         bank = sentence_bank(self.class_word, max(preset.delta_sentences, preset.reg_pool * 10 // 9 + 10))

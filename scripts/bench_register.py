@@ -30,7 +30,7 @@ from engines.register import PRESETS, register_subject  # noqa: E402
 from engines.types import ModelSpec, RegisterRequest  # noqa: E402
 
 
-def random_pipeline(arch: str, device: torch.device, dtype: torch.dtype):
+def random_pipeline(arch: str, device: torch.device, dtype: torch.dtype, resolution: int | None = None):
     """Full-size SD 1.5 / SDXL architectures with random weights (configs written out here; nothing downloaded)."""
     from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
@@ -49,7 +49,8 @@ def random_pipeline(arch: str, device: torch.device, dtype: torch.dtype):
         torch.manual_seed(0)
         if arch == "sd15":
             unet = UNet2DConditionModel(
-                sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                sample_size=(resolution or 512) // 8, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                cross_attention_dim=768,
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), attention_head_dim=8,
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
             pipe = StableDiffusionPipeline(
@@ -61,7 +62,7 @@ def random_pipeline(arch: str, device: torch.device, dtype: torch.dtype):
                                    num_attention_heads=20, vocab_size=49408, max_position_embeddings=77,
                                    projection_dim=1280, hidden_act="gelu")
             unet = UNet2DConditionModel(
-                sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                sample_size=(resolution or 1024) // 8, layers_per_block=2, block_out_channels=(320, 640, 1280),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
@@ -80,7 +81,7 @@ def build_bundle(args) -> tuple[ModelBundle, str]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.random_arch:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe = random_pipeline(args.random_arch, device, dtype)
+        pipe = random_pipeline(args.random_arch, device, dtype, args.resolution)
         return (ModelBundle(pipe, ModelSpec(f"random-{args.random_arch}"), args.random_arch, device, dtype,
                             text_encoder_fingerprint(pipe)), f"random {args.random_arch} (full size)")
     source = args.model
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default="quick,standard,thorough")
     parser.add_argument("--max-steps", type=int, default=None, help="run at most this many steps per preset and "
                                                                    "extrapolate the full time")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="--random-arch only: train at this size instead of 512 / 1024 (a CPU smoke run)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--class-word", default="dog")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
