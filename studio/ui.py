@@ -11,6 +11,7 @@ InputError text), never a traceback, and it changes nothing.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import html
 import logging
@@ -82,13 +83,12 @@ def _say(error: BaseException) -> gr.Error:
 
 def guarded(fn: Callable) -> Callable:
     """Handlers raise InputError for bad input; the person sees the message and nothing changes."""
+    @functools.wraps(fn)  # Gradio reads the signature (gr.Request parameters) through __wrapped__
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - every error becomes one readable line
             raise _say(error) from None
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
@@ -302,25 +302,14 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                             canvas_box = canvas.canvas_component(
                                 canvas.empty_canvas(native, native, suggestions(studio.subjects())))
                             with gr.Row(elem_classes="tr-add-row"):
-                                add_label = gr.Dropdown([], value=None, allow_custom_value=True,
-                                                        label="New region for a <subject> or words of the prompt",
-                                                        scale=4, elem_id="add-region-label", interactive=True)
+                                gr.HTML('<span class="tr-add-label">Add a region for</span>', scale=0,
+                                        min_width=130)
+                                add_label = gr.Dropdown([], value=None, allow_custom_value=True, show_label=False,
+                                                        container=False, scale=4, elem_id="add-region-label",
+                                                        interactive=True)
                                 add_btn = gr.Button("+ Add region", size="sm", scale=1, elem_id="add-region-btn")
                                 clear_btn = gr.Button("Clear canvas", size="sm", scale=1, variant="secondary",
                                                       elem_id="clear-canvas-btn")
-                    with gr.Column(scale=5, min_width=380):
-                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
-                                            placeholder="a photo of <rex> hugging <milo> on the beach — <name> is a "
-                                                        "registered subject; region words must appear here")
-                        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
-                                              placeholder="blurry, low quality")
-                        with gr.Row():
-                            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
-                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
-                        gen_status = gr.HTML(_idle_html("Ready."), elem_id="gen-status")
-                        results = gr.Gallery(label="Results (live preview while generating)", format="png",
-                                             columns=2, height=380, elem_id="result-gallery", interactive=False,
-                                             object_fit="contain", buttons=["download", "fullscreen"])
                         with gr.Accordion("Settings for this image", open=True, elem_classes="tr-card"):
                             with gr.Row():
                                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed", minimum=0)
@@ -336,7 +325,20 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                                 strength = gr.Slider(0, 0.3, value=GuidanceConfig().strength, step=0.01,
                                                      label="Layout strength", elem_id="guidance-strength",
                                                      info="0 = regions off")
-                        with gr.Accordion("Reuse · save · open", open=False, elem_classes="tr-card"):
+                    with gr.Column(scale=5, min_width=380):
+                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                            placeholder="a photo of <rex> hugging <milo> on the beach — <name> is a "
+                                                        "registered subject; region words must appear here")
+                        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
+                                              placeholder="blurry, low quality")
+                        with gr.Row():
+                            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
+                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
+                        gen_status = gr.HTML(_idle_html("Ready."), elem_id="gen-status")
+                        results = gr.Gallery(label="Results (live preview while generating)", format="png",
+                                             columns=2, height=380, elem_id="result-gallery", interactive=False,
+                                             object_fit="contain", buttons=["download", "fullscreen"])
+                        with gr.Accordion("Reuse · save · open", open=True, elem_classes="tr-card"):
                             with gr.Row():
                                 reuse_btn = gr.Button("Reuse settings of selected result", size="sm",
                                                       elem_id="reuse-btn")
@@ -355,7 +357,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3):
                         subject_gallery = gr.Gallery(value=_cards(studio.subjects()), label="Your subjects",
-                                                     columns=4, height=360, allow_preview=False, format="png",
+                                                     columns=4, height=300, allow_preview=False, format="png", fit_columns=False,
                                                      elem_id="subject-gallery", object_fit="cover",
                                                      interactive=False)
                         subject_detail = gr.Markdown("Select a subject to rename, export or delete it.",
@@ -654,7 +656,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                 return None, gr.skip(), gr.skip()
             s = subs[evt.index]
             curve = f" · final loss {s.loss_curve[-1]:.4f}" if s.loss_curve else ""
-            text = (f"**<{s.name}>** — a {s.class_word} · model family `{s.family}` · {s.steps} steps{curve} · "
+            text = (f"**`<{s.name}>`** — a {s.class_word} · model family `{s.family}` · {s.steps} steps{curve} · "
                     f"registered {s.created[:16].replace('T', ' ')}")
             return s.name, text, gr.update(value=s.name)
 
@@ -669,7 +671,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             if not old:
                 raise InputError("select a subject first")
             info_new = sessions.studio_for(request).rename_subject(old, (new or "").strip())
-            return info_new.name, f"Renamed <{old}> to <{info_new.name}>. Prompts that use <{old}> need updating."
+            return info_new.name, f"Renamed `<{old}>` to `<{info_new.name}>`. Prompts that use `<{old}>` need updating."
 
         rename_btn.click(rename, [selected_subject, rename_to], [selected_subject, subject_detail],
                          api_name="rename_subject").success(
@@ -681,7 +683,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             if not name:
                 raise InputError("select a subject first")
             sessions.studio_for(request).delete_subject(name)
-            return None, f"Deleted <{name}>."
+            return None, f"Deleted `<{name}>`."
 
         delete_btn.click(delete, selected_subject, [selected_subject, subject_detail],
                          api_name="delete_subject").success(
@@ -705,7 +707,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             if not path or Path(path).suffix.lower() != ".safetensors":
                 raise InputError("import a subject file exported by Troupe (.safetensors)")
             info_new = sessions.studio_for(request).import_subject(path)
-            return f"Imported <{info_new.name}> (a {info_new.class_word})."
+            return f"Imported `<{info_new.name}>` (a {info_new.class_word})."
 
         import_btn.upload(import_subject, import_btn, subject_detail, api_name="import_subject").success(
             subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery], api_visibility="undocumented").then(

@@ -1,0 +1,170 @@
+"""The studio's HTTP API, driven with gradio_client against a real server (tiny SD 1.5 model, CPU)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_regions(width: int = 64, height: int = 64, first: str = "red ball", second: str = "blue box") -> str:
+    return json.dumps({"width": width, "height": height, "regions": [
+        {"id": "r1", "label": first, "box": [0.05, 0.3, 0.45, 0.75]},
+        {"id": "r2", "label": second, "box": [0.55, 0.3, 0.95, 0.75]}]})
+
+
+def gen_args(prompt: str, canvas: str, seed: int = 7, random_seed: bool = False, steps: int = 3, images: int = 1,
+             relation: str = "") -> list:
+    # the order of the /generate endpoint: prompt, negative, canvas, relation, seed, random seed, size, steps, cfg,
+    # sampler, number of images, layout strength
+    return [prompt, "", canvas, relation, seed, random_seed, "native", steps, 7.5, "default", images, 0.08]
+
+
+@pytest.fixture(scope="module")
+def studio_app(tiny_sd15_dir, tmp_path_factory):
+    import engines.register as register
+    from engines.service import Studio
+    from engines.types import ModelSpec
+    from studio.ui import build_ui, serve
+
+    with pytest.MonkeyPatch.context() as mp:
+        # the real registration path, shortened: this tests the studio's plumbing, not training quality
+        quick = replace(register.PRESETS["quick"], steps=6, reg_pool=16, delta_sentences=16, reg_batch=2)
+        mp.setitem(register.PRESETS, "quick", quick)
+        studio = Studio(ModelSpec(source=str(tiny_sd15_dir)), tmp_path_factory.mktemp("library"))
+        demo = build_ui(studio)
+        _, url, _ = serve(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+        yield studio, url
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(studio_app):
+    return Client(studio_app[1], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i in range(3):
+        image = Image.new("RGB", (96, 96), (110, 170, 90))
+        ImageDraw.Draw(image).ellipse((20 + 4 * i, 20, 76 - 2 * i, 76), fill=(215, 40, 40))
+        paths.append(str(folder / f"photo{i}.png"))
+        image.save(paths[-1])
+    return paths
+
+
+def _troupe_request(path: str) -> dict:
+    with Image.open(path) as image:
+        chunks = dict(image.text)
+    assert "parameters" in chunks
+    return json.loads(chunks["troupe"])["request"]
+
+
+def test_generate_with_two_regions_returns_pngs_with_metadata(client):
+    status, gallery = client.predict(*gen_args("a red ball next to a blue box", two_regions(), images=2),
+                                     api_name="/generate")
+    assert "Done" in status
+    assert len(gallery) == 2
+    request = _troupe_request(gallery[0]["image"])
+    assert request["prompt"] == "a red ball next to a blue box"
+    regions = request["layout"]["regions"]
+    assert [(r["phrase"], r["layer"]) for r in regions] == [("red ball", 0), ("blue box", 1)]
+    assert regions[0]["box"] == [0.05, 0.3, 0.45, 0.75]
+    seeds = {_troupe_request(item["image"])["seed"] for item in gallery}
+    assert seeds == {7, 8}  # one seed per image, each image reproducible alone
+
+
+def test_register_a_subject_then_generate_with_it(client, photos, studio_app):
+    status, cards = client.predict([handle_file(p) for p in photos], "rex", "ball", "quick", api_name="/register")
+    assert "ready" in status
+    assert any("<rex>" in (card.get("caption") or "") for card in cards)
+    assert [s.name for s in studio_app[0].subjects()] == ["rex"]
+    # the relation picker fills the prompt and proposes two boxes, the subject bound by name
+    _, prompt, canvas = client.predict("next to", "<rex>", "blue box", "on grass", two_regions(),
+                                       api_name="/apply_relation")
+    assert prompt == "<rex> next to blue box on grass"
+    labels = [r["label"] for r in json.loads(canvas)["regions"]]
+    assert labels == ["<rex>", "blue box"]
+    status, gallery = client.predict(*gen_args(prompt, canvas, relation="next to"), api_name="/generate")
+    request = _troupe_request(gallery[0]["image"])
+    assert request["relation"] == "next to"
+    assert request["layout"]["regions"][0]["subject"] == "rex"
+    assert request["layout"]["regions"][0]["phrase"] == "ball"
+
+
+def test_reuse_settings_from_a_png_and_project_round_trip(client, tmp_path):
+    _, gallery = client.predict(*gen_args("a red ball next to a blue box", two_regions(), seed=11),
+                                api_name="/generate")
+    values = client.predict(handle_file(gallery[0]["image"]), api_name="/open_png")
+    prompt, _, canvas, _, seed, random_seed = values[:6]
+    assert prompt == "a red ball next to a blue box" and seed == 11 and random_seed is False
+    assert [r["label"] for r in json.loads(canvas)["regions"]] == ["red ball", "blue box"]
+    project = client.predict(*gen_args("a red ball next to a blue box", two_regions(), seed=5), api_name="/save_project")
+    path = project["value"] if isinstance(project, dict) and "value" in project else project
+    data = json.loads(Path(path).read_text())
+    assert data["format"] == "troupe-project" and data["request"]["seed"] == 5
+    reopened = client.predict(handle_file(path), api_name="/open_project")
+    assert reopened[0] == "a red ball next to a blue box" and reopened[4] == 5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**data, "colour": "red"}))
+    with pytest.raises(AppError, match="unknown keys colour"):
+        client.predict(handle_file(str(bad)), api_name="/open_project")
+
+
+@pytest.mark.parametrize("prompt, canvas, message", [
+    ("", two_regions(), "prompt is empty"),
+    ("a red ball", json.dumps({"width": 64, "height": 64, "regions": [
+        {"id": "r1", "label": "red ball", "box": [0.3, 0.3, 0.3, 0.6]}]}), "zero size"),
+    ("a red ball", json.dumps({"width": 64, "height": 64, "regions": [
+        {"id": "r1", "label": "", "box": [0.1, 0.1, 0.6, 0.6]}]}), "has no name"),
+    ("<ghost> on grass", two_regions(first="<ghost>"), "no subject <ghost>"),
+    ("a red ball", "{not json", "not valid JSON"),
+])
+def test_bad_generation_input_is_one_readable_message(client, prompt, canvas, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*gen_args(prompt, canvas), api_name="/generate")
+
+
+def test_bad_registration_input_is_refused(client, photos, tmp_path, studio_app):
+    note = tmp_path / "notes.txt"
+    note.write_text("not a photo")
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"definitely not a png")
+    before = [s.name for s in studio_app[0].subjects()]
+    with pytest.raises(AppError, match="is not an image|Invalid file type"):
+        client.predict([handle_file(str(note))], "milo", "cat", "quick", api_name="/register")
+    with pytest.raises(AppError, match="not a readable image"):
+        client.predict([handle_file(str(fake))], "milo", "cat", "quick", api_name="/register")
+    with pytest.raises(AppError, match="not allowed"):
+        client.predict([handle_file(photos[0])], "", "cat", "quick", api_name="/register")
+    with pytest.raises(AppError, match="class word is empty"):
+        client.predict([handle_file(photos[0])], "milo", "", "quick", api_name="/register")
+    assert [s.name for s in studio_app[0].subjects()] == before  # nothing changed
+
+
+def test_add_region_and_relation_arity(client):
+    canvas = client.predict(json.dumps({"width": 64, "height": 64, "regions": []}), "a tent",
+                            api_name="/add_region")[0]
+    regions = json.loads(canvas)["regions"]
+    assert [r["label"] for r in regions] == ["a tent"]
+    with pytest.raises(AppError, match="pick a subject or type a phrase"):
+        client.predict(canvas, "", api_name="/add_region")
+    update, prompt, canvas = client.predict("riding a horse", "a knight", None, "", canvas, api_name="/apply_relation")
+    assert prompt == "a knight riding a horse"  # the relation's own scene is only a suggestion in the Scene box
+    assert len(json.loads(canvas)["regions"]) == 1
