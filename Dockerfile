@@ -1,0 +1,44 @@
+# Troupe Studio on an NVIDIA GPU:
+#   docker build -t troupe .
+#   docker run --gpus all -p 7860:7860 -v troupe-data:/data troupe                       # the embedded demo model
+#   docker run --gpus all -p 7860:7860 -v troupe-data:/data troupe python app.py --host 0.0.0.0 \
+#       --model stable-diffusion-v1-5/stable-diffusion-v1-5 --vram "24 GB"               # a Hub model (cached in /data)
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    GRADIO_SERVER_NAME=0.0.0.0 \
+    GRADIO_SERVER_PORT=7860 \
+    HF_HOME=/data/huggingface \
+    TROUPE_LIBRARY=/data/library
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3.11 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# CUDA torch first (its wheel brings the CUDA libraries), then everything else; override for another CUDA.
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+RUN pip install --upgrade pip && pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"
+
+WORKDIR /app
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+# Only what the app needs (no virtual environment, tests or outputs from the build machine).
+COPY app.py ./
+COPY engines ./engines
+COPY kernels ./kernels
+COPY studio ./studio
+COPY presets ./presets
+COPY assets ./assets
+
+RUN useradd --create-home troupe && mkdir -p /data && chown troupe /data
+USER troupe
+VOLUME /data
+EXPOSE 7860
+CMD ["python", "app.py", "--host", "0.0.0.0"]

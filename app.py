@@ -1,0 +1,52 @@
+"""Troupe Studio in the browser: python app.py [--model demo|<hub id>|<path>] [--port 7860] [--library DIR].
+
+Also the entry of a Hugging Face Space: where the `spaces` package is importable (ZeroGPU), GPU handlers are wrapped
+with spaces.GPU and a duration computed from their inputs, every visitor gets a private temporary subject library,
+and the model is fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+try:  # must come before anything that could initialise CUDA
+    import spaces  # type: ignore[import-not-found]
+except ImportError:
+    spaces = None
+
+from studio.ui import build_ui, make_studio, serve  # noqa: E402
+
+
+def gpu_wrapper(fn, seconds):
+    """spaces.GPU with a per-call duration (ZeroGPU); outside a Space it is a no-op and never called."""
+    return spaces.GPU(duration=seconds)(fn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Troupe Studio")
+    parser.add_argument("--model", default=os.environ.get("TROUPE_MODEL", "demo"),
+                        help="demo, a Hub id, a local diffusers folder or a .safetensors file")
+    parser.add_argument("--library", default=None, help="subject library folder (default ~/.troupe/library)")
+    parser.add_argument("--vram", default=None, help="machine preset of presets/vram.json: CPU, 8 GB, 24 GB, A100")
+    parser.add_argument("--host", default=None, help="default 127.0.0.1 (or $GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=None, help="default 7860 (or $GRADIO_SERVER_PORT)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    args = parser.parse_args(argv)
+
+    on_space = bool(os.environ.get("SPACE_ID"))
+    studio = make_studio(args.model, args.library, args.vram)
+    per_user = Path(tempfile.gettempdir()) / "troupe-libraries" if on_space else None
+    if on_space:
+        studio.model_info()  # load once at start-up, before the first visitor (ZeroGPU moves it to the GPU)
+    demo = build_ui(studio, per_user_library=per_user, gpu=gpu_wrapper if spaces is not None else None,
+                    allow_model_switch=not on_space)
+    serve(demo, args.host, args.port, args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
