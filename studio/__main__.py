@@ -12,7 +12,7 @@ import sys
 
 from engines.types import Cancelled, InputError
 
-COMMAND_MODULES = ("studio.cli_generate", "studio.ui", "studio.cli_subjects")
+COMMAND_MODULES = ("studio.cli_generate", "studio.cli_subjects", "studio.cli_bench", "studio.ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

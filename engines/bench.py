@@ -1,0 +1,170 @@
+"""Quality and speed benchmark on the demo world: generate fixed, seeded layouts and score them with the detector.
+
+Layouts come from the demo world's own scene generator (held-out seeds), so every requested box, colour,
+category and layer is known exactly. Each layout is generated with no guidance, with the public Cones 2 settings
+and with Troupe's default, on the same seeds, and scored like MS-CustomNet's YOLO-L / YOLO-Subj:
+- layout IoU: requested box vs the detected box of the object of that colour (0 when missing);
+- presence: an object of the requested colour and category was found;
+- colour / category accuracy: the detection that best overlaps the box has the requested colour / category;
+- layer order: where two boxes overlap, the front object's colour covers more of the overlap than the back's;
+- time per image.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engines.demo_world.detector import box_iou, colour_labels, detect
+from engines.demo_world.scenes import COLOURS, Scene, random_scene
+from engines.generate import Generator
+from engines.models import ModelBundle
+from engines.types import GenerateRequest, GuidanceConfig, Layout, Region, StepProgress
+
+BENCH_SEED_OFFSET = 5_000_000  # far from the training scenes' seeds
+GUIDANCE_MODES: dict[str, Callable[[], GuidanceConfig]] = {
+    "none": GuidanceConfig.off,
+    "cones2-public": GuidanceConfig.cones2_public,
+    "troupe": GuidanceConfig,
+}
+MIN_OVERLAP = 0.01  # of the canvas: smaller overlaps say nothing about layer order
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    prompt: str
+    layout: Layout
+    colours: tuple[str, ...]  # per region
+    categories: tuple[str, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class CaseScore:
+    objects: int
+    ious: tuple[float, ...]
+    present: tuple[bool, ...]
+    colour_ok: tuple[bool, ...]
+    category_ok: tuple[bool, ...]
+    layer_ok: tuple[bool, ...]  # one per overlapping pair
+    seconds: float
+
+
+def bench_cases(count: int) -> list[BenchCase]:
+    """The first `count` held-out scenes whose objects all have distinct colours (so colour tells them apart)."""
+    cases, seed = [], BENCH_SEED_OFFSET
+    while len(cases) < count:
+        scene = random_scene(seed)
+        colours = [o.colour for o in scene.objects]
+        if len(set(colours)) == len(colours):
+            cases.append(case_from_scene(scene, seed))
+        seed += 1
+    return cases
+
+
+def case_from_scene(scene: Scene, seed: int) -> BenchCase:
+    objects = scene.objects  # back to front
+    phrases = [f"{o.colour} {o.category}" for o in objects]
+    if scene.relation is not None:
+        a, relation, b = scene.relation
+        rest = [_article(phrases[i]) for i in range(len(objects)) if i not in (a, b)]
+        words = [f"{_article(phrases[a])} {relation} {_article(phrases[b])}"] + rest
+    else:
+        order = np.random.default_rng(seed).permutation(len(objects))
+        words = [_article(phrases[i]) for i in order]
+    prompt = (", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]) + f" on {scene.background}"
+    regions = tuple(Region(phrase, o.box, layer=o.layer) for phrase, o in zip(phrases, objects))
+    return BenchCase(prompt.replace("on night", "at night").replace("on sky", "in the sky"), Layout(regions),
+                     tuple(o.colour for o in objects), tuple(o.category for o in objects), seed)
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def score(image, case: BenchCase, seconds: float) -> CaseScore:
+    detections = detect(image)
+    ious, present, colour_ok, category_ok = [], [], [], []
+    for region, colour, category in zip(case.layout.regions, case.colours, case.categories):
+        same_colour = [d for d in detections if d.colour == colour]
+        ious.append(max((box_iou(region.box, d.box) for d in same_colour), default=0.0))
+        present.append(any(d.category == category for d in same_colour))
+        overlapping = [(box_iou(region.box, d.box), d) for d in detections]
+        best = max(overlapping, key=lambda pair: pair[0], default=(0.0, None))
+        colour_ok.append(best[0] > 0 and best[1].colour == colour)
+        category_ok.append(best[0] > 0 and best[1].category == category)
+    return CaseScore(len(case.colours), tuple(ious), tuple(present), tuple(colour_ok), tuple(category_ok),
+                     layer_order(image, case), seconds)
+
+
+def layer_order(image, case: BenchCase) -> tuple[bool, ...]:
+    """For each pair of regions whose boxes overlap: does the front one's colour win the overlap?"""
+    labels, _ = colour_labels(image)  # (H, W) colour index or -1
+    height, width = labels.shape
+    names = list(COLOURS)
+    results = []
+    regions = case.layout.regions
+    for i in range(len(regions)):
+        for j in range(i + 1, len(regions)):
+            x0, y0 = max(regions[i].box[0], regions[j].box[0]), max(regions[i].box[1], regions[j].box[1])
+            x1, y1 = min(regions[i].box[2], regions[j].box[2]), min(regions[i].box[3], regions[j].box[3])
+            if (x1 - x0) * (y1 - y0) < MIN_OVERLAP or regions[i].layer == regions[j].layer:
+                continue
+            patch = labels[int(y0 * height):int(np.ceil(y1 * height)), int(x0 * width):int(np.ceil(x1 * width))]
+            front, back = (i, j) if regions[i].layer > regions[j].layer else (j, i)
+            front_pixels = (patch == names.index(case.colours[front])).sum()
+            back_pixels = (patch == names.index(case.colours[back])).sum()
+            results.append(bool(front_pixels > back_pixels))
+    return tuple(results)
+
+
+def run_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20, cfg: float = 5.0,
+              modes: Sequence[str] = tuple(GUIDANCE_MODES), on_progress: Callable[[StepProgress], None] | None = None
+              ) -> dict:
+    """Generate every case under every guidance mode; return a JSON-able report with per-group metrics."""
+    cases = bench_cases(12 if quick else 60)
+    generator = Generator(bundle)
+    report = {"model": bundle.spec.source, "family": bundle.family, "steps": steps, "cfg": cfg,
+              "cases": len(cases), "modes": {}}
+    # The scorer's ceiling: the scenes the layouts came from, rendered exactly (occlusion hides some shapes).
+    report["modes"]["ground truth"] = summarise([score(random_scene(c.seed).image, c, 0.0) for c in cases])
+    started, total, done = time.perf_counter(), len(cases) * len(modes), 0
+    for mode in modes:
+        scores = []
+        for case in cases:
+            request = GenerateRequest(case.prompt, layout=case.layout, seed=case.seed, steps=steps, cfg=cfg,
+                                      guidance=GUIDANCE_MODES[mode]())
+            result = generator(request)
+            scores.append(score(np.asarray(result.images[0]), case, result.timings["total"]))
+            done += 1
+            if on_progress is not None:
+                on_progress(StepProgress(done, total, time.perf_counter() - started))
+        report["modes"][mode] = summarise(scores)
+    return report
+
+
+def summarise(scores: Sequence[CaseScore]) -> dict:
+    groups = {"1-2 objects": [s for s in scores if s.objects <= 2], "3-4 objects": [s for s in scores if s.objects > 2],
+              "all": list(scores)}
+    return {name: _metrics(group) for name, group in groups.items() if group}
+
+
+def _metrics(scores: Sequence[CaseScore]) -> dict:
+    def mean(values) -> float | None:
+        values = [float(v) for v in values]
+        return round(statistics.fmean(values), 3) if values else None
+
+    return {
+        "layouts": len(scores),
+        "layout_iou": mean(v for s in scores for v in s.ious),
+        "presence": mean(v for s in scores for v in s.present),
+        "colour_accuracy": mean(v for s in scores for v in s.colour_ok),
+        "category_accuracy": mean(v for s in scores for v in s.category_ok),
+        "layer_order_accuracy": mean(v for s in scores for v in s.layer_ok),
+        "overlapping_pairs": sum(len(s.layer_ok) for s in scores),
+        "seconds_per_image": mean(s.seconds for s in scores),
+    }

@@ -1,0 +1,57 @@
+"""python -m studio bench: layout quality and speed on the demo world (see engines/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engines.types import StepProgress
+from studio.cli_generate import add_model_arguments, model_spec
+
+COLUMNS = (("layout_iou", "layout IoU"), ("presence", "presence"), ("colour_accuracy", "colour"),
+           ("category_accuracy", "category"), ("layer_order_accuracy", "layer order"),
+           ("seconds_per_image", "s/image"))
+
+
+def add_parsers(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="score layout guidance on the demo world's seeded layouts",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help="12 layouts instead of 60")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--json", default=None, help="also write the full report here")
+    parser.set_defaults(func=run)
+
+
+def markdown_table(report: dict) -> str:
+    lines = [f"| guidance | objects | layouts | {' | '.join(title for _, title in COLUMNS)} |",
+             "|" + "---|" * (3 + len(COLUMNS))]
+    for mode, groups in report["modes"].items():
+        for group, metrics in groups.items():
+            if group == "all":
+                continue
+            cells = ["–" if metrics[key] is None else f"{metrics[key]:.2f}" for key, _ in COLUMNS]
+            lines.append(f"| {mode} | {group.split()[0]} | {metrics['layouts']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def print_progress(progress: StepProgress) -> None:
+    end = "\n" if progress.step == progress.total else "\r"
+    print(f"image {progress.step}/{progress.total}  eta {progress.eta:5.0f}s", end=end, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engines.service import Studio
+
+    report = Studio(model_spec(args)).bench(quick=args.quick, steps=args.steps, cfg=args.cfg,
+                                            on_progress=print_progress)
+    print(f"model {report['model']} ({report['family']}), {report['cases']} layouts, "
+          f"{report['steps']} steps, CFG {report['cfg']}")
+    print(markdown_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
