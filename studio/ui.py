@@ -257,7 +257,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
         info = studio.model_info()
     except Exception as error:  # noqa: BLE001 - the UI still opens, the Settings tab says what is wrong
         log.warning("model not loaded yet: %s", error)
-        info = {"source": studio.model_spec.source, "family": "?", "native_size": 512, "device": "?", "dtype": "?"}
+        info = {"source": studio.model_spec.source, "family": "?", "native_size": 512, "device": "?",
+                "status": f"not loaded: {error}"}
     native = int(info.get("native_size") or 512)
 
     def on_gpu(fn: Callable, seconds: Callable[..., float]) -> Callable:

@@ -168,3 +168,30 @@ def test_add_region_and_relation_arity(client):
     update, prompt, canvas = client.predict("riding a horse", "a knight", None, "", canvas, api_name="/apply_relation")
     assert prompt == "a knight riding a horse"  # the relation's own scene is only a suggestion in the Scene box
     assert len(json.loads(canvas)["regions"]) == 1
+
+
+def test_per_user_libraries_are_private(tiny_sd15_dir, tmp_path, photos):
+    """On a Space every browser session has its own subject library: one visitor never sees another's subjects."""
+    import engines.register as register
+    from engines.service import Studio
+    from engines.types import ModelSpec
+    from studio.ui import build_ui, serve
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(register.PRESETS, "quick", replace(register.PRESETS["quick"], steps=4, reg_pool=16,
+                                                       delta_sentences=16, reg_batch=2))
+        studio = Studio(ModelSpec(source=str(tiny_sd15_dir)), tmp_path / "shared")
+        demo = build_ui(studio, per_user_library=tmp_path / "visitors", allow_model_switch=False)
+        _, url, _ = serve(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+            alice.predict([handle_file(photos[0])], "rex", "ball", "quick", api_name="/register")
+            _, prompt, _ = alice.predict("next to", "<rex>", "blue box", "", two_regions(), api_name="/apply_relation")
+            assert prompt == "<rex> next to blue box"
+            with pytest.raises(AppError, match="no subject named <rex>"):
+                bob.predict("next to", "<rex>", "blue box", "", two_regions(), api_name="/apply_relation")
+            assert studio.subjects() == []  # nothing landed in the shared library
+            with pytest.raises(AppError, match="fixed"):
+                bob.predict("demo", "auto", "auto", "none", "none", api_name="/load_model")
+        finally:
+            demo.close()
