@@ -42,7 +42,7 @@ def random_pipeline(arch: str, device: torch.device, dtype: torch.dtype, resolut
     clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, steps_offset=1)
+                              num_train_timesteps=1000, steps_offset=1, clip_sample=False)
     vae_blocks = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                       up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
     with torch.device(device):

@@ -210,15 +210,16 @@ KILL_SCRIPT = textwrap.dedent("""
     request = RegisterRequest("rex", "dog", {photos!r}, preset="quick")
     def report(p):
         print("step", p.step, flush=True)
-    register_subject(bundle, request, SubjectLibrary({root_lib!r}), on_progress=report,
-                     overrides=dict(steps=100000, lr=2e-4, reg_pool=32, delta_sentences=32, checkpoint_every=2))
+    register_subject(bundle, request, SubjectLibrary({root_lib!r}), on_progress=report, overrides={overrides!r})
 """)
+KILL_OVERRIDES = dict(steps=100000, lr=2e-4, reg_pool=32, delta_sentences=32, checkpoint_every=2)
 
 
 def test_sigkill_mid_training_leaves_library_byte_identical(tmp_path, sd15, photo_paths):
     library = seeded_library(tmp_path, sd15, photo_paths)
     before = snapshot(library.root)
-    script = KILL_SCRIPT.format(root=str(ROOT), photos=photo_paths, root_lib=str(library.root))
+    script = KILL_SCRIPT.format(root=str(ROOT), photos=photo_paths, root_lib=str(library.root),
+                                overrides=KILL_OVERRIDES)
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -238,3 +239,10 @@ def test_sigkill_mid_training_leaves_library_byte_identical(tmp_path, sd15, phot
     assert snapshot(library.root) == before
     assert [s.name for s in library.list()] == ["ada"]
     assert (library.root / ".work" / "rex" / "state.json").is_file()  # a resumable checkpoint, nothing else
+    # and the same request picks up from it
+    cancel, first = threading.Event(), []
+    with pytest.raises(Cancelled):
+        register_subject(sd15, RegisterRequest("rex", "dog", photo_paths, preset="quick"), library,
+                         on_progress=lambda p: (first.append(p.step), cancel.set()), cancel=cancel,
+                         overrides=KILL_OVERRIDES)
+    assert first[0] >= 5 and first[0] % 2 == 1  # resumed after an even checkpoint, at least the fourth step
