@@ -102,6 +102,24 @@ def test_presets_document_their_reasoning():
 
 
 # ------------------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_encoder_output_is_exactly_what_the_pipeline_feeds_the_unet(kind):
+    from engines.register import unet_condition
+
+    tiny = bundle(kind)
+    prompt = "a photo of dog on the beach"
+    ids = [t(prompt, padding="max_length", max_length=t.model_max_length, truncation=True,
+             return_tensors="pt").input_ids for t in tiny.tokenizers]
+    with torch.no_grad():
+        ours = unet_condition(tiny.text_encoders, ids, tiny.is_xl)  # (1, 77, ΣD)
+        if tiny.is_xl:
+            theirs = tiny.pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)[0]
+        else:
+            theirs = tiny.pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    assert ours.shape == theirs.shape == (1, 77, sum(e.config.hidden_size for e in tiny.text_encoders))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_register_sd15_loss_falls_preserves_other_tokens(tmp_path, sd15, photo_paths):
     library = SubjectLibrary(tmp_path / "lib")
     progress = []
