@@ -260,6 +260,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
         info = {"source": studio.model_spec.source, "family": "?", "native_size": 512, "device": "?",
                 "status": f"not loaded: {error}"}
     native = int(info.get("native_size") or 512)
+    initial = [] if per_user_library else studio.subjects()  # per-visitor lists arrive with the page load
 
     def on_gpu(fn: Callable, seconds: Callable[..., float]) -> Callable:
         return gpu(fn, seconds) if gpu else fn
@@ -301,7 +302,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                                                    scale=3)
                         with gr.Group(elem_classes="tr-card"):
                             canvas_box = canvas.canvas_component(
-                                canvas.empty_canvas(native, native, suggestions(studio.subjects())))
+                                canvas.empty_canvas(native, native, suggestions(initial)))
                             with gr.Row(elem_classes="tr-add-row"):
                                 gr.HTML('<span class="tr-add-label">Add a region for</span>', scale=0,
                                         min_width=130)
@@ -315,7 +316,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                             with gr.Row():
                                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed", minimum=0)
                                 randomize = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
-                                size = gr.Dropdown(_sizes(native), value="native", label="Size", elem_id="size")
+                                size = gr.Dropdown(_sizes(native), value="native", label="Size", elem_id="size",
+                                                   allow_custom_value=True)
                             with gr.Row():
                                 steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
                                 cfg = gr.Slider(0, 20, value=7.5, step=0.5, label="CFG", elem_id="cfg")
@@ -357,13 +359,16 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             with gr.Tab("Subjects", id="subjects", elem_id="tab-subjects"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3):
-                        subject_gallery = gr.Gallery(value=_cards(studio.subjects()), label="Your subjects",
+                        subject_gallery = gr.Gallery(value=_cards(initial), label="Your subjects",
                                                      columns=4, height=300, allow_preview=False, format="png", fit_columns=False,
                                                      elem_id="subject-gallery", object_fit="cover",
                                                      interactive=False)
                         subject_detail = gr.Markdown("Select a subject to rename, export or delete it.",
                                                      elem_id="subject-detail")
-                        with gr.Row():
+                        with gr.Row(equal_height=True):
+                            subject_pick = gr.Dropdown([s.name for s in initial], value=None,
+                                                       label="Subject", elem_id="subject-pick", scale=2,
+                                                       allow_custom_value=True)
                             rename_to = gr.Textbox(label="New name", scale=2, elem_id="rename-to")
                             rename_btn = gr.Button("Rename", size="sm", scale=1, elem_id="rename-btn")
                             export_btn = gr.Button("Export", size="sm", scale=1, elem_id="export-btn")
@@ -390,7 +395,6 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                             reg_stop = gr.Button("Cancel", variant="stop", elem_id="register-cancel", scale=1)
                         reg_status = gr.HTML(_idle_html("Registration takes one short GPU job."),
                                              elem_id="register-status")
-                selected_subject = gr.State(None)
 
             # ============================================================ Settings
             with gr.Tab("Model & settings", id="settings", elem_id="tab-settings"):
@@ -427,7 +431,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             subs = subjects_of(request)
             names = suggestions(subs)
             return (gr.update(choices=names), gr.update(choices=names), gr.update(choices=names),
-                    _cards(subs))
+                    _cards(subs), gr.update(choices=[x.name for x in subs]))
 
         def refresh_canvas_suggestions(canvas_json: str, request: gr.Request) -> str:
             return canvas.with_suggestions(canvas_json, suggestions(subjects_of(request)))
@@ -644,7 +648,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
         reg_event = register_btn.click(
             on_gpu(register, register_seconds), [photos, subject_name, subject_class, reg_preset],
             [reg_status, subject_gallery], api_name="register", concurrency_id="gpu", concurrency_limit=1)
-        reg_event.then(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery], api_visibility="undocumented").then(
+        reg_event.then(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
             refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
         def stop_register(request: gr.Request) -> None:
             sessions.cancel_flag(request, "register").set()
@@ -654,15 +658,21 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
         def on_subject_select(evt: gr.SelectData, request: gr.Request):
             subs = subjects_of(request)
             if evt.index is None or evt.index >= len(subs):
-                return None, gr.skip(), gr.skip()
-            s = subs[evt.index]
+                return gr.skip()
+            return gr.update(value=subs[evt.index].name)
+
+        subject_gallery.select(on_subject_select, None, subject_pick, api_visibility="undocumented")
+
+        def on_subject_pick(name: str | None, request: gr.Request):
+            s = next((x for x in subjects_of(request) if x.name == name), None)
+            if s is None:
+                return "Select a subject to rename, export or delete it.", gr.skip()
             curve = f" · final loss {s.loss_curve[-1]:.4f}" if s.loss_curve else ""
             text = (f"**`<{s.name}>`** — a {s.class_word} · model family `{s.family}` · {s.steps} steps{curve} · "
                     f"registered {s.created[:16].replace('T', ' ')}")
-            return s.name, text, gr.update(value=s.name)
+            return text, s.name
 
-        subject_gallery.select(on_subject_select, None, [selected_subject, subject_detail, rename_to],
-                               api_visibility="undocumented")
+        subject_pick.change(on_subject_pick, subject_pick, [subject_detail, rename_to], api_visibility="undocumented")
 
         def subjects_changed(request: gr.Request):
             return refresh_choices(request)
@@ -672,11 +682,12 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             if not old:
                 raise InputError("select a subject first")
             info_new = sessions.studio_for(request).rename_subject(old, (new or "").strip())
-            return info_new.name, f"Renamed `<{old}>` to `<{info_new.name}>`. Prompts that use `<{old}>` need updating."
+            names = [x.name for x in subjects_of(request)]
+            return gr.update(choices=names, value=info_new.name), f"Renamed `<{old}>` to `<{info_new.name}>`. Prompts that use `<{old}>` need updating."
 
-        rename_btn.click(rename, [selected_subject, rename_to], [selected_subject, subject_detail],
+        rename_btn.click(rename, [subject_pick, rename_to], [subject_pick, subject_detail],
                          api_name="rename_subject").success(
-            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery], api_visibility="undocumented").then(
+            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
             refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
 
         @guarded
@@ -684,11 +695,11 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             if not name:
                 raise InputError("select a subject first")
             sessions.studio_for(request).delete_subject(name)
-            return None, f"Deleted `<{name}>`."
+            return gr.update(choices=[x.name for x in subjects_of(request)], value=None), f"Deleted `<{name}>`."
 
-        delete_btn.click(delete, selected_subject, [selected_subject, subject_detail],
+        delete_btn.click(delete, subject_pick, [subject_pick, subject_detail],
                          api_name="delete_subject").success(
-            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery], api_visibility="undocumented").then(
+            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
             refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
 
         @guarded
@@ -700,7 +711,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             path = sessions.studio_for(request).export_subject(name, folder / f"{name}.safetensors")
             return gr.update(value=str(path), visible=True)
 
-        export_btn.click(export, selected_subject, export_file, api_name="export_subject")
+        export_btn.click(export, subject_pick, export_file, api_name="export_subject")
 
         @guarded
         def import_subject(file: Any, request: gr.Request):
@@ -711,7 +722,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             return f"Imported `<{info_new.name}>` (a {info_new.class_word})."
 
         import_btn.upload(import_subject, import_btn, subject_detail, api_name="import_subject").success(
-            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery], api_visibility="undocumented").then(
+            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
             refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
 
         # ================================================================ events: settings
@@ -753,7 +764,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                        concurrency_limit=1)
 
         # every page load: fresh subject lists for this session (per-user libraries on a Space)
-        demo.load(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery], api_visibility="undocumented").then(
+        demo.load(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
             refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
         del tabs, reg_event
     return demo

@@ -195,3 +195,20 @@ def test_per_user_libraries_are_private(tiny_sd15_dir, tmp_path, photos):
                 bob.predict("demo", "auto", "auto", "none", "none", api_name="/load_model")
         finally:
             demo.close()
+
+
+def test_rename_export_delete_import_a_subject(client, studio_app, photos):
+    names = lambda: [s.name for s in studio_app[0].subjects()]  # noqa: E731
+    if "rex" not in names():
+        client.predict([handle_file(p) for p in photos], "rex", "ball", "quick", api_name="/register")
+    client.predict("rex", "rex2", api_name="/rename_subject")
+    assert "rex2" in names() and "rex" not in names()
+    exported = client.predict("rex2", api_name="/export_subject")
+    path = exported["value"] if isinstance(exported, dict) and "value" in exported else exported
+    assert str(path).endswith(".safetensors") and Path(path).stat().st_size > 0
+    client.predict("rex2", api_name="/delete_subject")
+    assert "rex2" not in names()
+    message = client.predict(handle_file(path), api_name="/import_subject")
+    assert "rex2" in message and "rex2" in names()
+    with pytest.raises(AppError, match="select a subject first"):
+        client.predict(None, api_name="/export_subject")
