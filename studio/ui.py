@@ -16,7 +16,6 @@ import hashlib
 import html
 import logging
 import queue
-import random
 import tempfile
 import threading
 import time
@@ -304,7 +303,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                             canvas_box = canvas.canvas_component(
                                 canvas.empty_canvas(native, native, suggestions(initial)))
                             with gr.Row(elem_classes="tr-add-row"):
-                                gr.HTML('<span class="tr-add-label">Add a region for</span>', scale=0,
+                                gr.HTML('<span class="tr-add-label">Add a region for</span>', scale=0, elem_classes="tr-add-label-wrap",
                                         min_width=130)
                                 add_label = gr.Dropdown([], value=None, allow_custom_value=True, show_label=False,
                                                         container=False, scale=4, elem_id="add-region-label",

@@ -212,3 +212,57 @@ def test_rename_export_delete_import_a_subject(client, studio_app, photos):
     assert "rex2" in message and "rex2" in names()
     with pytest.raises(AppError, match="select a subject first"):
         client.predict(None, api_name="/export_subject")
+
+
+# ------------------------------------------------------------------------------------------- pure helpers
+def test_canvas_json_to_layout_is_back_to_front_and_binds_subjects():
+    from studio.ui_canvas import add_region, canvas_to_layout, layout_to_canvas
+
+    layout = canvas_to_layout(two_regions(first="<rex>"), {"rex": "dog"})
+    rex, box = layout.regions
+    assert (rex.subject, rex.phrase, rex.layer) == ("rex", "dog", 0) and (box.phrase, box.layer) == ("blue box", 1)
+    again = json.loads(layout_to_canvas(layout, 64, 64, ["<rex>"]))
+    assert [r["label"] for r in again["regions"]] == ["<rex>", "blue box"] and again["suggestions"] == ["<rex>"]
+    grown = json.loads(add_region(two_regions(), "a tent"))
+    assert [r["id"] for r in grown["regions"]] == ["r1", "r2", "r3"]
+    from engines.types import InputError
+    with pytest.raises(InputError, match="unknown canvas keys"):
+        canvas_to_layout(json.dumps({"regions": [], "zoom": 2}), {})
+
+
+def test_vram_presets_are_validated(tmp_path):
+    from engines.types import InputError
+    from studio.ui_settings import load_vram_presets
+
+    presets = load_vram_presets()
+    assert {"CPU", "8 GB", "24 GB", "A100"} <= set(presets)
+    assert presets["8 GB"].spec("demo").quantization == "nf4"
+    bad = tmp_path / "vram.json"
+    bad.write_text(json.dumps({"version": 1, "presets": [{"name": "x", "device": "cuda", "dtype": "fp8",
+                                                          "quantization": "none", "offload": "none"}]}))
+    with pytest.raises(InputError, match="dtype must be one of"):
+        load_vram_presets(bad)
+
+
+def test_a_stopped_job_reports_cancelled_between_steps():
+    import threading
+
+    from engines.types import Cancelled, StepProgress
+    from studio.ui import _stream
+
+    def work(on_progress, cancel):
+        for step in range(1, 1000):
+            if cancel.is_set():
+                raise Cancelled()
+            on_progress(StepProgress(step, 1000, 0.01 * step))
+            threading.Event().wait(0.001)
+        return "finished"
+
+    cancel = threading.Event()
+    seen = []
+    with pytest.raises(Cancelled):
+        for kind, _item in _stream(work, cancel):
+            seen.append(kind)
+            if len(seen) == 3:
+                cancel.set()
+    assert seen[:3] == ["progress"] * 3
