@@ -535,7 +535,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
         def stop(request: gr.Request) -> None:
             sessions.cancel_flag(request, "generate").set()
 
-        stop_btn.click(stop, None, None, queue=False, api_visibility="undocumented")
+        stop_btn.click(stop, None, None, queue=False, api_name="stop")
         del gen_event
 
         # ================================================================ events: reuse / project

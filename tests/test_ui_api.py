@@ -266,3 +266,16 @@ def test_a_stopped_job_reports_cancelled_between_steps():
             if len(seen) == 3:
                 cancel.set()
     assert seen[:3] == ["progress"] * 3
+
+
+def test_stop_ends_a_running_generation(client):
+    """Stop (same browser session) cancels between two steps; the results already shown stay (gr.skip)."""
+    import time
+
+    job = client.submit(*gen_args("a red ball next to a blue box", two_regions(), steps=150), api_name="/generate")
+    deadline = time.time() + 60
+    while time.time() < deadline and not any("step" in str(o[0]) for o in job.outputs()):
+        time.sleep(0.1)
+    client.predict(api_name="/stop")
+    status, _ = job.result(timeout=60)
+    assert "Stopped" in status
