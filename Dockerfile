@@ -29,13 +29,8 @@ WORKDIR /app
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
-# Only what the app needs (no virtual environment, tests or outputs from the build machine).
-COPY app.py ./
-COPY engines ./engines
-COPY kernels ./kernels
-COPY studio ./studio
-COPY presets ./presets
-COPY assets ./assets
+# The app (see .dockerignore: no virtual environment, tests or outputs from the build machine).
+COPY . ./
 
 RUN useradd --create-home troupe && mkdir -p /data && chown troupe /data
 USER troupe

@@ -227,6 +227,7 @@ class _Sessions:
         session = _session(request)
         with self.lock:
             if session not in self.studios:
+                self.studio.bundle  # noqa: B018 - load the model once, before the views share it
                 view = copy.copy(self.studio)  # shares the loaded model and the GPU lock, not the library
                 view.library_dir = self.per_user_root / hashlib.sha256(session.encode()).hexdigest()[:24]
                 view._library = None
@@ -250,6 +251,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
     """The whole studio as a gr.Blocks. `per_user_library`: a root folder under which every browser session gets
     its own subject library (Spaces). `gpu`: wraps the GPU handlers (spaces.GPU) with a duration from the inputs."""
     sessions = _Sessions(studio, Path(per_user_library) if per_user_library else None)
+    allow_model_switch = allow_model_switch and not per_user_library  # views share one loaded model
     relations: dict[str, Relation] = load_relations()
     vram = load_vram_presets()
     try:
@@ -364,11 +366,12 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                                                      interactive=False)
                         subject_detail = gr.Markdown("Select a subject to rename, export or delete it.",
                                                      elem_id="subject-detail")
-                        with gr.Row(equal_height=True):
+                        with gr.Row():
                             subject_pick = gr.Dropdown([s.name for s in initial], value=None,
                                                        label="Subject", elem_id="subject-pick", scale=2,
                                                        allow_custom_value=True)
                             rename_to = gr.Textbox(label="New name", scale=2, elem_id="rename-to")
+                        with gr.Row():
                             rename_btn = gr.Button("Rename", size="sm", scale=1, elem_id="rename-btn")
                             export_btn = gr.Button("Export", size="sm", scale=1, elem_id="export-btn")
                             delete_btn = gr.Button("Delete", size="sm", variant="stop", scale=1, elem_id="delete-btn")
@@ -455,19 +458,19 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             return gr.update(value=rel.scene if rel else ""), gr.update(visible=rel is None or rel.arity == 2)
 
         relation_inputs = [relation, slot_a, slot_b, scene, canvas_box]
-        relation.change(on_relation_picked, relation, [scene, slot_b], queue=False, api_visibility="undocumented").then(
-            on_relation, relation_inputs, [slot_b, prompt, canvas_box], api_name="apply_relation")
+        relation.change(on_relation_picked, relation, [scene, slot_b], queue=False, api_visibility="undocumented", show_progress="hidden").then(
+            on_relation, relation_inputs, [slot_b, prompt, canvas_box], api_name="apply_relation", show_progress="hidden")
         for widget in (slot_a, slot_b):
-            widget.change(on_relation, relation_inputs, [slot_b, prompt, canvas_box], api_visibility="undocumented")
-        scene.submit(on_relation, relation_inputs, [slot_b, prompt, canvas_box], api_visibility="undocumented")
+            widget.change(on_relation, relation_inputs, [slot_b, prompt, canvas_box], api_visibility="undocumented", show_progress="hidden")
+        scene.submit(on_relation, relation_inputs, [slot_b, prompt, canvas_box], api_visibility="undocumented", show_progress="hidden")
 
         @guarded
         def on_add(canvas_json: str, label: str | None) -> tuple[str, Any]:
             return canvas.add_region(canvas_json, label or ""), gr.update(value=None)
 
-        add_btn.click(on_add, [canvas_box, add_label], [canvas_box, add_label], api_name="add_region")
+        add_btn.click(on_add, [canvas_box, add_label], [canvas_box, add_label], api_name="add_region", show_progress="hidden")
         clear_btn.click(lambda c: canvas.dump({**canvas.load(c), "regions": []}), canvas_box, canvas_box,
-                        api_visibility="undocumented")
+                        api_visibility="undocumented", show_progress="hidden")
 
         @guarded
         def on_size(value: str, canvas_json: str) -> str:
@@ -475,7 +478,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             native_now = native_size()
             return canvas.with_size(canvas_json, width or native_now, height or native_now)
 
-        size.change(on_size, [size, canvas_box], canvas_box, api_visibility="undocumented")
+        size.change(on_size, [size, canvas_box], canvas_box, api_visibility="undocumented", show_progress="hidden")
 
         def native_size() -> int:
             try:
@@ -528,14 +531,16 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
 
         gen_event = generate_btn.click(
             on_gpu(generate, generate_seconds), list(gen_widgets.values()), [gen_status, results],
-            api_name="generate", concurrency_id="gpu", concurrency_limit=1)
+            api_name="generate", show_progress="minimal", show_progress_on=gen_status,
+            concurrency_id="gpu", concurrency_limit=1)
         prompt.submit(on_gpu(generate, generate_seconds), list(gen_widgets.values()), [gen_status, results],
-                      api_visibility="undocumented", concurrency_id="gpu", concurrency_limit=1)
+                      api_visibility="undocumented", show_progress="minimal", show_progress_on=gen_status,
+                      concurrency_id="gpu", concurrency_limit=1)
 
         def stop(request: gr.Request) -> None:
             sessions.cancel_flag(request, "generate").set()
 
-        stop_btn.click(stop, None, None, queue=False, api_name="stop")
+        stop_btn.click(stop, None, None, queue=False, api_name="stop", show_progress="hidden")
         del gen_event
 
         # ================================================================ events: reuse / project
@@ -544,7 +549,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             image = value.get("image") if isinstance(value, dict) else None
             return (image or {}).get("path") if isinstance(image, dict) else None
 
-        results.select(on_result_select, None, selected_result, api_visibility="undocumented")
+        results.select(on_result_select, None, selected_result, api_visibility="undocumented", show_progress="hidden")
 
         apply_outputs = [prompt, negative, canvas_box, relation, seed, randomize, size, steps, cfg, scheduler,
                          num_images, strength]
@@ -568,7 +573,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                 raise InputError("click a result first, then reuse its settings")
             return apply_request(sessions.studio_for(request).read_request(path), request)
 
-        reuse_btn.click(reuse, selected_result, apply_outputs, api_visibility="undocumented")
+        reuse_btn.click(reuse, selected_result, apply_outputs, api_visibility="undocumented", show_progress="hidden")
 
         @guarded
         def open_png(file: Any, request: gr.Request):
@@ -577,7 +582,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                 raise InputError("open a PNG made by Troupe")
             return apply_request(sessions.studio_for(request).read_request(path), request)
 
-        png_in.upload(open_png, png_in, apply_outputs, api_name="open_png")
+        png_in.upload(open_png, png_in, apply_outputs, api_name="open_png", show_progress="hidden")
 
         @guarded
         def save_project(request: gr.Request, *values: Any):
@@ -593,7 +598,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             path = project.save(sessions.outputs(request) / "projects")
             return gr.update(value=str(path), visible=True)
 
-        save_btn.click(save_project, list(gen_widgets.values()), project_file, api_name="save_project")
+        save_btn.click(save_project, list(gen_widgets.values()), project_file, api_name="save_project", show_progress="hidden")
 
         @guarded
         def open_project(file: Any, request: gr.Request):
@@ -607,7 +612,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                            + ", ".join(f"<{m}>" for m in missing) + ". Import them before generating.")
             return apply_request(project.request, request, project.width, project.height)
 
-        project_in.upload(open_project, project_in, apply_outputs, api_name="open_project")
+        project_in.upload(open_project, project_in, apply_outputs, api_name="open_project", show_progress="hidden")
 
         # ================================================================ events: subjects
         def _register_from(values: dict[str, Any]) -> RegisterRequest:
@@ -646,13 +651,14 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
 
         reg_event = register_btn.click(
             on_gpu(register, register_seconds), [photos, subject_name, subject_class, reg_preset],
-            [reg_status, subject_gallery], api_name="register", concurrency_id="gpu", concurrency_limit=1)
-        reg_event.then(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
-            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
+            [reg_status, subject_gallery], api_name="register", show_progress="minimal", show_progress_on=reg_status,
+            concurrency_id="gpu", concurrency_limit=1)
+        reg_event.then(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented", show_progress="hidden").then(
+            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
         def stop_register(request: gr.Request) -> None:
             sessions.cancel_flag(request, "register").set()
 
-        reg_stop.click(stop_register, None, None, queue=False, api_visibility="undocumented")
+        reg_stop.click(stop_register, None, None, queue=False, api_visibility="undocumented", show_progress="hidden")
 
         def on_subject_select(evt: gr.SelectData, request: gr.Request):
             subs = subjects_of(request)
@@ -660,7 +666,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                 return gr.skip()
             return gr.update(value=subs[evt.index].name)
 
-        subject_gallery.select(on_subject_select, None, subject_pick, api_visibility="undocumented")
+        subject_gallery.select(on_subject_select, None, subject_pick, api_visibility="undocumented", show_progress="hidden")
 
         def on_subject_pick(name: str | None, request: gr.Request):
             s = next((x for x in subjects_of(request) if x.name == name), None)
@@ -671,7 +677,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                     f"registered {s.created[:16].replace('T', ' ')}")
             return text, s.name
 
-        subject_pick.change(on_subject_pick, subject_pick, [subject_detail, rename_to], api_visibility="undocumented")
+        subject_pick.change(on_subject_pick, subject_pick, [subject_detail, rename_to], api_visibility="undocumented", show_progress="hidden")
 
         def subjects_changed(request: gr.Request):
             return refresh_choices(request)
@@ -685,9 +691,9 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             return gr.update(choices=names, value=info_new.name), f"Renamed `<{old}>` to `<{info_new.name}>`. Prompts that use `<{old}>` need updating."
 
         rename_btn.click(rename, [subject_pick, rename_to], [subject_pick, subject_detail],
-                         api_name="rename_subject").success(
-            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
-            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
+                         api_name="rename_subject", show_progress="hidden").success(
+            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented", show_progress="hidden").then(
+            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
 
         @guarded
         def delete(name: str | None, request: gr.Request):
@@ -697,9 +703,9 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             return gr.update(choices=[x.name for x in subjects_of(request)], value=None), f"Deleted `<{name}>`."
 
         delete_btn.click(delete, subject_pick, [subject_pick, subject_detail],
-                         api_name="delete_subject").success(
-            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
-            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
+                         api_name="delete_subject", show_progress="hidden").success(
+            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented", show_progress="hidden").then(
+            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
 
         @guarded
         def export(name: str | None, request: gr.Request):
@@ -710,7 +716,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             path = sessions.studio_for(request).export_subject(name, folder / f"{name}.safetensors")
             return gr.update(value=str(path), visible=True)
 
-        export_btn.click(export, subject_pick, export_file, api_name="export_subject")
+        export_btn.click(export, subject_pick, export_file, api_name="export_subject", show_progress="hidden")
 
         @guarded
         def import_subject(file: Any, request: gr.Request):
@@ -720,9 +726,9 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             info_new = sessions.studio_for(request).import_subject(path)
             return f"Imported `<{info_new.name}>` (a {info_new.class_word})."
 
-        import_btn.upload(import_subject, import_btn, subject_detail, api_name="import_subject").success(
-            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
-            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
+        import_btn.upload(import_subject, import_btn, subject_detail, api_name="import_subject", show_progress="hidden").success(
+            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented", show_progress="hidden").then(
+            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
 
         # ================================================================ events: settings
         def on_vram(name: str | None):
@@ -731,7 +737,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return preset.device, preset.dtype, preset.quantization, preset.offload
 
-        vram_preset.change(on_vram, vram_preset, [device, dtype, quant, offload], queue=False, api_visibility="undocumented")
+        vram_preset.change(on_vram, vram_preset, [device, dtype, quant, offload], queue=False, api_visibility="undocumented", show_progress="hidden")
 
         spec_keys = ["source", "device", "dtype", "quantization", "offload"]
 
@@ -759,12 +765,13 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                 raise _say(error) from None
 
         load_btn.click(on_gpu(load_model, lambda *a, **k: 60.0), [model_source, device, dtype, quant, offload],
-                       [load_status, model_info, model_badge, size], api_name="load_model", concurrency_id="gpu",
+                       [load_status, model_info, model_badge, size], api_name="load_model", show_progress="minimal", show_progress_on=load_status,
+            concurrency_id="gpu",
                        concurrency_limit=1)
 
         # every page load: fresh subject lists for this session (per-user libraries on a Space)
-        demo.load(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented").then(
-            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented")
+        demo.load(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented", show_progress="hidden").then(
+            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
         del tabs, reg_event
     return demo
 

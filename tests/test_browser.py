@@ -188,3 +188,17 @@ def test_subjects_tab_screenshot(page):
     page.locator("#subject-gallery img").first.click()
     sync_api.expect(page.locator("#subject-detail")).to_contain_text("<rex>")
     page.screenshot(path=str(ARTIFACTS / "studio-subjects.png"), full_page=True)
+
+
+def test_a_non_image_upload_is_a_readable_message(page, tmp_path):
+    page.get_by_role("tab", name="Subjects").click()
+    page.locator("#subject-photos button[aria-label='Clear']").first.click() if page.locator(
+        "#subject-photos button[aria-label='Clear']").count() else None
+    note = tmp_path / "notes.txt"
+    note.write_text("not a photo")
+    page.locator("#subject-photos input[type=file]").set_input_files(str(note))
+    page.locator("#subject-name input, #subject-name textarea").first.fill("milo")
+    page.locator("#register-btn").click()
+    sync_api.expect(page.get_by_text(re.compile(r"is not an image|Invalid file type")).first).to_be_visible()
+    sync_api.expect(page.locator("#subject-gallery")).not_to_contain_text("<milo>")
+    page.screenshot(path=str(ARTIFACTS / "studio-bad-upload.png"), full_page=True)

@@ -135,6 +135,7 @@ def test_reuse_settings_from_a_png_and_project_round_trip(client, tmp_path):
         {"id": "r1", "label": "", "box": [0.1, 0.1, 0.6, 0.6]}]}), "has no name"),
     ("<ghost> on grass", two_regions(first="<ghost>"), "no subject <ghost>"),
     ("a red ball", "{not json", "not valid JSON"),
+    ("a red ball on grass", two_regions(), "'blue box' is not in the prompt"),
 ])
 def test_bad_generation_input_is_one_readable_message(client, prompt, canvas, message):
     with pytest.raises(AppError, match=message):
