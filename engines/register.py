@@ -67,26 +67,30 @@ class RegisterPreset:
     checkpoint_every: int  # steps between resumable checkpoints (0: only when cancelled). A checkpoint holds the
     # fp32 encoder(s) and AdamW moments: ~1.5 GB for SD 1.5, ~10 GB for SDXL, so it is written sparingly
     gradient_checkpointing: bool = False
+    warmup: float = 0.1  # fraction of the steps over which the lr ramps up linearly (Adam's first steps are
+    # sign-like, a full lr there moves every weight at once)
     why: str = ""
 
 
 # Cones 2 trains the whole encoder 4,000 steps at lr 5e-6, batch 1 (~25 min on an A100, notes §1.2). The text
 # encoder only has to move the class token's output, and L_reg (over a sentence bank, unlike the public code) keeps
-# the rest in place, so a larger learning rate with a batch of photos reaches a usable Δ in a few hundred steps.
+# the rest in place, so a somewhat larger learning rate with a batch of photos should reach a usable Δ in a few
+# hundred steps. These numbers are NOT yet validated on real SD weights (only on tiny/random models): measure with
+# scripts/bench_register.py and the demo world's identity metric before trusting them.
 # λ = 1 on a per-element MSE: both terms are per-element mean squares, and L_sub sits around 0.1–0.2, so λ = 1 makes
 # a drift of ~0.3 per element at a non-class token cost as much as the whole denoising loss.
 PRESETS: dict[str, RegisterPreset] = {
     "quick": RegisterPreset(
-        steps=120, lr=4e-5, reg_weight=1.0, batch=2, reg_batch=4, reg_pool=128, delta_sentences=256,
+        steps=120, lr=3e-5, reg_weight=1.0, batch=2, reg_batch=4, reg_pool=128, delta_sentences=256,
         checkpoint_every=0,
         why="a first look in seconds: few steps at a high lr; Δ from 256 sentences (its mean is already stable)"),
     "standard": RegisterPreset(
-        steps=300, lr=2e-5, reg_weight=1.0, batch=4, reg_batch=8, reg_pool=256, delta_sentences=1000,
+        steps=300, lr=1.5e-5, reg_weight=1.0, batch=4, reg_batch=8, reg_pool=256, delta_sentences=1000,
         checkpoint_every=150,
-        why="the default: 300 steps × 4 photos ≈ 1,200 photo-steps (the paper's 4,000 × 1 at 4× the lr is "
-            "~16× more update); Δ over the paper's 1,000 sentences; fits well under a minute on one GPU"),
+        why="the default: 300 steps × 4 photos = 1,200 photo-steps at 3× the paper's lr (its 4,000 × 1 steps of "
+            "batch 1 are mostly gradient noise); Δ over the paper's 1,000 sentences; aims at well under a minute"),
     "thorough": RegisterPreset(
-        steps=800, lr=1e-5, reg_weight=1.0, batch=4, reg_batch=16, reg_pool=512, delta_sentences=1000,
+        steps=800, lr=8e-6, reg_weight=1.0, batch=4, reg_batch=16, reg_pool=512, delta_sentences=1000,
         checkpoint_every=200, gradient_checkpointing=True,
         why="closer to the paper's recipe (lower lr, more steps, a larger L_reg batch) for hard subjects; "
             "gradient checkpointing keeps SDXL within 24 GB"),
@@ -467,8 +471,11 @@ class _Trainer:
             unet.enable_gradient_checkpointing()
         sub_curve, reg_curve = [], []
         began = time.perf_counter()
+        warmup_steps = max(1, round(preset.warmup * preset.steps))
         try:
             for step in range(start, preset.steps):
+                for group in optimizer.param_groups:  # a function of the step alone: resumes exactly
+                    group["lr"] = preset.lr * min(1.0, (step + 1) / warmup_steps)
                 if cancel is not None and cancel.is_set():
                     checkpoint.save(step, tuned, optimizer, generator, scaler, curve, prior + time.perf_counter() - began)
                     raise Cancelled(f"registration of '{self.request.name}' cancelled at step {step}/{preset.steps}")
