@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vram", default=None, help="machine preset of presets/vram.json: CPU, 8 GB, 24 GB, A100")
     parser.add_argument("--host", default=None, help="default 127.0.0.1 (or $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="default 7860 (or $GRADIO_SERVER_PORT)")
+    parser.add_argument("--outputs", default="outputs", help="folder for generated images and projects")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     args = parser.parse_args(argv)
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if on_space:
         studio.model_info()  # load once at start-up, before the first visitor (ZeroGPU moves it to the GPU)
     demo = build_ui(studio, per_user_library=per_user, gpu=gpu_wrapper if spaces is not None else None,
-                    allow_model_switch=not on_space)
+                    allow_model_switch=not on_space, outputs_dir=None if on_space else args.outputs)
     serve(demo, args.host, args.port, args.share)
     return 0
 

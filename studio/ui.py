@@ -16,6 +16,7 @@ import hashlib
 import html
 import logging
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -216,6 +217,7 @@ class _Sessions:
 
     studio: Studio
     per_user_root: Path | None = None
+    outputs_dir: Path | None = None
     cancels: dict[tuple[str, str], threading.Event] = field(default_factory=dict)
     studios: dict[str, Studio] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -241,16 +243,35 @@ class _Sessions:
                 self.cancels[key] = threading.Event()
             return self.cancels[key]
 
+    def forget(self, request: gr.Request | None) -> None:
+        """The tab closed: stop its jobs, drop its outputs and (per-user mode) its private library."""
+        session = _session(request)
+        with self.lock:
+            for key in [k for k in self.cancels if k[0] == session]:
+                self.cancels.pop(key).set()
+            view = self.studios.pop(session, None)
+        if self.per_user_root is None:
+            return  # a desktop keeps its outputs
+        folders = [self.outputs(request)] + ([Path(view.library_dir)] if view is not None else [])
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def outputs(self, request: gr.Request | None) -> Path:
+        """Where this session's images, projects and exports go: a persistent folder on a desktop, a private
+        temporary one per visitor on a Space."""
+        if self.per_user_root is None and self.outputs_dir is not None:
+            return self.outputs_dir
         return Path(tempfile.gettempdir()) / "troupe-outputs" / hashlib.sha256(_session(request).encode()).hexdigest()[:24]
 
 
 # ------------------------------------------------------------------------------------------------ the UI
 def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu: GpuWrapper | None = None,
-             allow_model_switch: bool = True, title: str = "Troupe Studio") -> gr.Blocks:
+             allow_model_switch: bool = True, outputs_dir: str | Path | None = "outputs",
+             title: str = "Troupe Studio") -> gr.Blocks:
     """The whole studio as a gr.Blocks. `per_user_library`: a root folder under which every browser session gets
     its own subject library (Spaces). `gpu`: wraps the GPU handlers (spaces.GPU) with a duration from the inputs."""
-    sessions = _Sessions(studio, Path(per_user_library) if per_user_library else None)
+    sessions = _Sessions(studio, Path(per_user_library) if per_user_library else None,
+                         Path(outputs_dir).expanduser().resolve() if outputs_dir else None)
     allow_model_switch = allow_model_switch and not per_user_library  # views share one loaded model
     relations: dict[str, Relation] = load_relations()
     vram = load_vram_presets()
@@ -425,7 +446,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                                               elem_id="load-status")
                     with gr.Column(scale=2, elem_classes="tr-card"):
                         model_info = gr.Markdown(_model_markdown(info), elem_id="model-info")
-                        gr.Markdown(_library_markdown(studio, per_user_library), elem_id="library-info")
+                        gr.Markdown(_library_markdown(studio, per_user_library, sessions.outputs_dir),
+                                    elem_id="library-info")
                         gr.Markdown(_vram_markdown(vram))
 
         # ================================================================ events: canvas & relation
@@ -772,6 +794,10 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
         # every page load: fresh subject lists for this session (per-user libraries on a Space)
         demo.load(refresh_choices, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented", show_progress="hidden").then(
             refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
+        def on_unload(request: gr.Request) -> None:
+            sessions.forget(request)
+
+        demo.unload(on_unload)
         del tabs, reg_event
     return demo
 
@@ -806,11 +832,12 @@ def _model_markdown(info: dict[str, Any]) -> str:
     return f"### Loaded model\n| | |\n|---|---|\n{rows}"
 
 
-def _library_markdown(studio: Studio, per_user: str | Path | None) -> str:
+def _library_markdown(studio: Studio, per_user: str | Path | None, outputs: Path | None) -> str:
     if per_user:
         return ("### Subject library\nOn this Space every visitor gets a private, temporary library: export your "
-                "subjects (.safetensors) to keep them.")
-    return f"### Subject library\n`{studio.library_dir}`\n\nStart with `--library DIR` to use another folder."
+                "subjects (.safetensors) and download your images to keep them.")
+    return (f"### Subject library\n`{studio.library_dir}`\n\nStart with `--library DIR` to use another folder."
+            f"\n\n### Images and projects\n`{outputs or 'a temporary folder'}`")
 
 
 def _vram_markdown(vram: dict) -> str:
@@ -826,6 +853,7 @@ def add_parsers(subparsers: Any) -> None:
     parser.add_argument("--library", default=None, help="subject library folder (default ~/.troupe/library)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--outputs", default="outputs", help="folder for generated images and projects")
     parser.add_argument("--share", action="store_true", help="a public gradio.live link")
     parser.add_argument("--vram", default=None, help="machine preset from presets/vram.json (CPU, 8 GB, 24 GB, A100)")
     parser.set_defaults(func=_run_ui)
@@ -852,5 +880,5 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, sha
 
 def _run_ui(args: Any) -> int:
     studio = make_studio(args.model, args.library, args.vram)
-    serve(build_ui(studio), args.host, args.port, args.share)
+    serve(build_ui(studio, outputs_dir=args.outputs), args.host, args.port, args.share)
     return 0

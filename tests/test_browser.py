@@ -44,7 +44,7 @@ def app_url(tiny_sd15_dir, tmp_path_factory):
         quick = replace(register.PRESETS["quick"], steps=6, reg_pool=16, delta_sentences=16, reg_batch=2)
         mp.setitem(register.PRESETS, "quick", quick)
         studio = Studio(ModelSpec(source=str(tiny_sd15_dir)), tmp_path_factory.mktemp("library"))
-        demo = build_ui(studio)
+        demo = build_ui(studio, outputs_dir=tmp_path_factory.mktemp("outputs"))
         _, url, _ = serve(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
         yield url
         demo.close()
