@@ -326,13 +326,13 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                             canvas_box = canvas.canvas_component(
                                 canvas.empty_canvas(native, native, suggestions(initial)))
                             with gr.Row(elem_classes="tr-add-row"):
-                                gr.HTML('<span class="tr-add-label">Add a region for</span>', scale=0, elem_classes="tr-add-label-wrap",
-                                        min_width=130)
+                                gr.HTML('<span class="tr-add-label">Add a region</span>', scale=0, elem_classes="tr-add-label-wrap",
+                                        min_width=90)
                                 add_label = gr.Dropdown([], value=None, allow_custom_value=True, show_label=False,
                                                         container=False, scale=4, elem_id="add-region-label",
                                                         interactive=True)
-                                add_btn = gr.Button("+ Add region", size="sm", scale=1, elem_id="add-region-btn")
-                                clear_btn = gr.Button("Clear canvas", size="sm", scale=1, variant="secondary",
+                                add_btn = gr.Button("+ Add region", size="sm", scale=1, min_width=90, elem_id="add-region-btn")
+                                clear_btn = gr.Button("Clear", size="sm", scale=0, min_width=70, variant="secondary",
                                                       elem_id="clear-canvas-btn")
                         with gr.Accordion("Settings for this image", open=True, elem_classes="tr-card"):
                             with gr.Row():

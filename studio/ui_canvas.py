@@ -27,11 +27,12 @@ MAX_REGIONS = 16
 _TEMPLATE = """
 <div class="tc-root">
   <div class="tc-toolbar">
-    <span>Drag to draw · Shift-drag over a box · drag to move · handles resize · Del deletes</span>
-    <span class="tc-size"></span>
+    <span>Drag to draw · Shift-drag over a box · drag to move · Del deletes</span>
+    <span class="tc-right"><label class="tc-ghost-label"><input type="checkbox" class="tc-ghost-toggle" checked>
+      last result underneath</label><span class="tc-size"></span></span>
   </div>
   <div class="tc-main">
-    <div class="tc-stage-wrap"><div class="tc-stage" tabindex="0" role="application" aria-label="layout canvas"></div></div>
+    <div class="tc-stage-wrap"><div class="tc-stage" tabindex="0" role="application" aria-label="layout canvas"><img class="tc-ghost" alt=""></div></div>
     <div class="tc-layers" id="layer-list">
       <div class="tc-layers-head"><span>Layers</span><small>front ▲</small></div>
       <div class="tc-rows"></div>

@@ -264,6 +264,25 @@ function load() {
   render();
 }
 
+// The latest result, faintly under the boxes, so a person can see where things landed and adjust.
+const ghost = element.querySelector(".tc-ghost");
+const ghostToggle = element.querySelector(".tc-ghost-toggle");
+function updateGhost() {
+  const img = document.querySelector("#result-gallery img");
+  const src = img && img.getAttribute("src");
+  if (src && ghost.getAttribute("src") !== src) ghost.setAttribute("src", src);
+  ghost.style.display = src && ghostToggle.checked ? "block" : "none";
+  ghostToggle.parentElement.style.visibility = src ? "visible" : "hidden";
+}
+ghostToggle.addEventListener("change", updateGhost);
+let ghostQueued = false;
+new MutationObserver(() => {
+  if (ghostQueued) return;
+  ghostQueued = true;
+  requestAnimationFrame(() => { ghostQueued = false; updateGhost(); });
+}).observe(document.querySelector("#result-gallery") || document.body, { subtree: true, childList: true, attributes: true, attributeFilter: ["src"] });
+updateGhost();
+
 datalist.id = "tc-suggest-" + Math.random().toString(36).slice(2, 8);
 watch("value", load);
 load();
