@@ -828,8 +828,8 @@ def _model_badge(info: dict[str, Any]) -> str:
 
 
 def _model_markdown(info: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {k} | `{v}` |" for k, v in info.items())
-    return f"### Loaded model\n| | |\n|---|---|\n{rows}"
+    rows = "\n".join(f"- **{k.replace('_', ' ')}**: `{v}`" for k, v in info.items())
+    return f"### Loaded model\n{rows}"
 
 
 def _library_markdown(studio: Studio, per_user: str | Path | None, outputs: Path | None) -> str:
@@ -841,9 +841,9 @@ def _library_markdown(studio: Studio, per_user: str | Path | None, outputs: Path
 
 
 def _vram_markdown(vram: dict) -> str:
-    rows = "\n".join(f"| **{p.name}** | {p.device} · {p.dtype} · {p.quantization} · offload {p.offload} | {p.note} |"
+    rows = "\n".join(f"- **{p.name}** — `{p.device} · {p.dtype} · {p.quantization} · offload {p.offload}`: {p.note}"
                      for p in vram.values())
-    return f"### Machine presets\n| preset | loads as | for |\n|---|---|---|\n{rows}"
+    return f"### Machine presets\n{rows}"
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -202,3 +202,12 @@ def test_a_non_image_upload_is_a_readable_message(page, tmp_path):
     sync_api.expect(page.get_by_text(re.compile(r"is not an image|Invalid file type")).first).to_be_visible()
     sync_api.expect(page.locator("#subject-gallery")).not_to_contain_text("<milo>")
     page.screenshot(path=str(ARTIFACTS / "studio-bad-upload.png"), full_page=True)
+
+
+def test_settings_machine_preset_fills_the_fields(page):
+    page.get_by_role("tab", name="Model & settings").click()
+    sync_api.expect(page.locator("#model-source textarea, #model-source input").first).to_be_visible()
+    _pick(page, "vram-preset", "8 GB")
+    sync_api.expect(page.locator("#quantization input")).to_have_value("nf4")
+    sync_api.expect(page.locator("#offload input")).to_have_value("model")
+    page.screenshot(path=str(ARTIFACTS / "studio-settings.png"), full_page=True)

@@ -91,8 +91,10 @@ def test_generate_with_two_regions_returns_pngs_with_metadata(client):
 
 
 def test_register_a_subject_then_generate_with_it(client, photos, studio_app):
-    status, cards = client.predict([handle_file(p) for p in photos], "rex", "ball", "quick", api_name="/register")
+    job = client.submit([handle_file(p) for p in photos], "rex", "ball", "quick", api_name="/register")
+    status, cards = job.result(timeout=120)
     assert "ready" in status
+    assert any("loss" in str(out[0]) and "step" in str(out[0]) for out in job.outputs())  # live step, loss, ETA
     assert any("<rex>" in (card.get("caption") or "") for card in cards)
     assert [s.name for s in studio_app[0].subjects()] == ["rex"]
     # the relation picker fills the prompt and proposes two boxes, the subject bound by name
