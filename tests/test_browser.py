@@ -179,6 +179,13 @@ def test_walk_through_the_studio(page, tmp_path):
     expect(page.locator("#gen-status")).to_contain_text("Done")
     page.screenshot(path=str(ARTIFACTS / "studio-bad-input.png"), full_page=True)
 
+    # --- reuse the settings of a result: the prompt, the seed and the boxes come back
+    page.locator("#result-gallery img").first.click()
+    page.locator("#reuse-btn").click()
+    expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"^<rex> next to blue box"))
+    expect(page.locator("#random-seed input")).not_to_be_checked()
+    expect(page.locator("#canvas .tc-box")).to_have_count(2)
+
 
 def test_subjects_tab_screenshot(page):
     """After the walk: the Subjects tab with its card (a picture for the report and for reviewers)."""

@@ -282,3 +282,12 @@ def test_stop_ends_a_running_generation(client):
     client.predict(api_name="/stop")
     status, _ = job.result(timeout=60)
     assert "Stopped" in status
+
+
+def test_studio_ui_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, studio.ui, app; sys.exit(1 if 'torch' in sys.modules else 0)"
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
