@@ -291,3 +291,40 @@ def test_studio_ui_does_not_import_torch():
     code = "import sys, studio.ui, app; sys.exit(1 if 'torch' in sys.modules else 0)"
     root = Path(__file__).resolve().parent.parent
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_app_on_a_space_wraps_gpu_work_and_isolates_visitors(tiny_sd15_dir, tmp_path, monkeypatch):
+    """app.py as a Hugging Face Space entry, with a stand-in `spaces` package (ZeroGPU's decorator API)."""
+    import importlib
+    import sys
+    import types
+
+    wrapped = {}
+
+    def gpu(duration):
+        def decorate(fn):
+            wrapped[fn.__name__] = duration
+            return fn
+        return decorate
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
+    monkeypatch.setenv("SPACE_ID", "someone/troupe")
+    import app
+
+    app = importlib.reload(app)
+    served = {}
+    monkeypatch.setattr(app, "serve", lambda demo, *args, **kwargs: served.update(demo=demo, args=args))
+    from engines.service import Studio
+    from engines.types import ModelSpec
+
+    monkeypatch.setattr(app, "make_studio", lambda *a: Studio(ModelSpec(str(tiny_sd15_dir)), tmp_path / "lib"))
+    assert app.main(["--model", "ignored"]) == 0
+    assert set(wrapped) == {"generate", "register", "load_model"}
+    steps_at = ["prompt", "negative", "canvas", "relation", "seed", "randomize", "size", "steps"].index("steps")
+    values = [None] * 12
+    values[steps_at], values[10] = 30, 2  # 30 steps, 2 images
+    assert 10 < wrapped["generate"](None, *values) <= 120
+    assert wrapped["register"](None, [], "rex", "dog", "quick") < wrapped["register"](None, [], "rex", "dog", "thorough")
+    assert served["args"][0] is None  # host from $GRADIO_SERVER_NAME on a Space
+    monkeypatch.delitem(sys.modules, "spaces")
+    importlib.reload(app)
