@@ -121,7 +121,7 @@ function renderRows() {
     const input = row.querySelector("input");
     input.value = r.label;
     input.addEventListener("focus", () => select(r.id, false));
-    input.addEventListener("input", () => { r.label = input.value; renderStage(); });
+    input.addEventListener("input", () => { r.label = input.value; renderStage(); commit(); });
     input.addEventListener("change", () => { r.label = input.value.trim(); commit(); });
     input.addEventListener("keydown", (e) => { if (e.key === "Enter") input.blur(); });
     row.querySelector(".tc-up").addEventListener("click", () => move(r.id, +1));
@@ -235,6 +235,12 @@ function endGesture(e) {
 }
 stage.addEventListener("pointerup", endGesture);
 stage.addEventListener("pointercancel", endGesture);
+
+stage.addEventListener("dblclick", (e) => {  // double-click a box: rename it
+  const boxEl = e.target.closest(".tc-box");
+  const input = boxEl && element.querySelector(`.tc-row[data-id="${boxEl.dataset.id}"] input`);
+  if (input) { input.focus(); input.select(); }
+});
 
 stage.addEventListener("keydown", (e) => {
   if (!selected) return;
