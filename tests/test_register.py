@@ -264,3 +264,27 @@ def test_sigkill_mid_training_leaves_library_byte_identical(tmp_path, sd15, phot
                          on_progress=lambda p: (first.append(p.step), cancel.set()), cancel=cancel,
                          overrides=KILL_OVERRIDES)
     assert first[0] >= 5 and first[0] % 2 == 1  # resumed after an even checkpoint, at least the fourth step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_register_on_cuda_half_precision_cancel_and_resume(tmp_path, photo_paths, kind):
+    """The CUDA path: fp16 UNet, autocast with fp32 master weights, GradScaler, (8-bit) AdamW, CUDA RNG resume."""
+    tiny = bundle(kind)
+    tiny.pipe.to("cuda", torch.float16)
+    tiny = ModelBundle(tiny.pipe, tiny.spec, kind, torch.device("cuda"), torch.float16, tiny.fingerprint)
+    library = SubjectLibrary(tmp_path / "lib")
+    request = RegisterRequest("rex", "dog", photo_paths, preset="quick")
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        register_subject(tiny, request, library, cancel=cancel, overrides={**FAST, "steps": 12},
+                         on_progress=lambda p: p.step == 5 and cancel.set())
+    steps = []
+    register_subject(tiny, request, library, on_progress=lambda p: steps.append(p.step),
+                     overrides={**FAST, "steps": 12})
+    assert steps[0] == 6
+    stats = library.meta("rex")["stats"]
+    assert stats["heldout_preservation_error"] < 0.2
+    for value in library.residuals("rex").values():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all() and value.norm() > 0
