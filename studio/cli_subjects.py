@@ -11,8 +11,7 @@ import signal
 import sys
 import threading
 
-from engines.types import PRESETS, RegisterRequest, StepProgress
-from studio.cli_generate import add_model_arguments, model_spec
+from engines.types import DTYPES, OFFLOADS, PRESETS, QUANTIZATIONS, ModelSpec, RegisterRequest, StepProgress
 
 
 def add_parsers(subparsers) -> None:
@@ -64,6 +63,21 @@ def add_parsers(subparsers) -> None:
     pull.set_defaults(func=run_pull)
     for action in (listing, delete, rename, export, imported, push, pull):
         _library_argument(action)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The same model options as `generate` (kept here so this module stands on its own)."""
+    parser.add_argument("--model", default="demo", help="demo, a Hub id, a diffusers folder or a .safetensors file")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="registration trains a copy of the text encoder, so it must stay unquantized")
+    parser.add_argument("--offload", choices=OFFLOADS, default="none")
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(args.model, dtype=args.dtype, quantization=args.quantization, offload=args.offload,
+                     device=args.device)
 
 
 def _library_argument(parser: argparse.ArgumentParser) -> None:
