@@ -395,6 +395,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                         with gr.Row():
                             rename_btn = gr.Button("Rename", size="sm", scale=1, elem_id="rename-btn")
                             export_btn = gr.Button("Export", size="sm", scale=1, elem_id="export-btn")
+                            place_btn = gr.Button("Place on canvas", size="sm", scale=1, variant="primary",
+                                                  elem_id="place-btn")
                             delete_btn = gr.Button("Delete", size="sm", variant="stop", scale=1, elem_id="delete-btn")
                         with gr.Row():
                             export_file = gr.File(label="Exported subject (.safetensors)", interactive=False,
@@ -741,6 +743,18 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
         export_btn.click(export, subject_pick, export_file, api_name="export_subject", show_progress="hidden")
 
         @guarded
+        def place(name: str | None, canvas_json: str, request: gr.Request):
+            """Add a region for the picked subject and go to the canvas."""
+            if not name:
+                raise InputError("select a subject first")
+            if name not in class_words(request):
+                raise InputError(f"there is no subject named '{name}'")
+            return canvas.add_region(canvas_json, f"<{name}>"), gr.Tabs(selected="compose")
+
+        place_btn.click(place, [subject_pick, canvas_box], [canvas_box, tabs], api_visibility="undocumented",
+                        show_progress="hidden")
+
+        @guarded
         def import_subject(file: Any, request: gr.Request):
             path = getattr(file, "name", file)
             if not path or Path(path).suffix.lower() != ".safetensors":
@@ -798,7 +812,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             sessions.forget(request)
 
         demo.unload(on_unload)
-        del tabs, reg_event
+        del reg_event
     return demo
 
 

@@ -191,10 +191,14 @@ def test_subjects_tab_screenshot(page):
     """After the walk: the Subjects tab with its card (a picture for the report and for reviewers)."""
     page.get_by_role("tab", name="Subjects").click()
     sync_api.expect(page.locator("#subject-gallery")).to_contain_text("<rex>")
-    page.screenshot(path=str(ARTIFACTS / "studio-subjects.png"), full_page=True)
     page.locator("#subject-gallery img").first.click()
     sync_api.expect(page.locator("#subject-detail")).to_contain_text("<rex>")
     page.screenshot(path=str(ARTIFACTS / "studio-subjects.png"), full_page=True)
+    # "Place on canvas" adds a region for the subject and goes back to the canvas
+    before = page.locator("#canvas .tc-box").count()
+    page.locator("#place-btn").click()
+    sync_api.expect(page.locator("#canvas .tc-box")).to_have_count(before + 1)
+    sync_api.expect(page.locator("#canvas .tc-stage")).to_be_visible()
 
 
 def test_a_non_image_upload_is_a_readable_message(page, tmp_path):
