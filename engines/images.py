@@ -5,7 +5,7 @@ file, a decompression bomb (too many pixels) or a tiny image is an InputError na
 turned upright (EXIF orientation), converted to RGB, given a foreground mask, cropped to a square around the subject
 and resized to the model's training size. The mask later weights the denoising loss (engines/register.py).
 
-Foreground masks: an ONNX segmenter run through onnxruntime when its model file is present (`TROUPE_SEGMENTER`
+Foreground masks: the alpha channel of a cut-out photo (PNG/WebP with transparency); else an ONNX segmenter run through onnxruntime when its model file is present (`TROUPE_SEGMENTER`
 or ~/.troupe/models/segmenter.onnx), otherwise OpenCV GrabCut seeded with a centre rectangle.
 """
 
@@ -38,6 +38,13 @@ class PreparedPhoto:
 
 def load_photo(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> Image.Image:
     """Open, fully decode and validate one photo; upright RGB or InputError (nothing is written)."""
+    return load_photo_and_alpha(path, max_pixels, min_side)[0]
+
+
+def load_photo_and_alpha(path: str | Path, max_pixels: int = MAX_PIXELS,
+                         min_side: int = MIN_SIDE) -> tuple[Image.Image, np.ndarray | None]:
+    """Upright RGB (transparent parts composited on white) and the alpha channel in [0, 1] when the photo has a
+    real cut-out (some pixels transparent), else None."""
     path = Path(path)
     name = path.name
     if not path.is_file():
@@ -56,7 +63,14 @@ def load_photo(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = M
                     raise InputError(f"photo {name}: {width}×{height} is too small (each side needs ≥ {min_side} px)")
                 image.load()  # decodes everything: a truncated file fails here
                 image = ImageOps.exif_transpose(image)
-                return image.convert("RGB")
+                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                    rgba = image.convert("RGBA")
+                    alpha = np.asarray(rgba.getchannel("A"), np.float32) / 255.0  # (H, W)
+                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+                    cut_out = alpha.min() < 0.5 and alpha.max() > 0.5
+                    return rgb, (alpha if cut_out else None)
+                return image.convert("RGB"), None
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -143,8 +157,11 @@ def subject_square(fg: np.ndarray, margin: float = CROP_MARGIN) -> tuple[int, in
 
 
 def prepare_photo(path: str | Path, size: int, segmenter: OnnxSegmenter | None = None) -> PreparedPhoto:
-    image = load_photo(path)
-    fg = segmenter(image) if segmenter is not None else grabcut_mask(image)  # (H, W) in [0, 1]
+    image, alpha = load_photo_and_alpha(path)
+    if alpha is not None:  # a cut-out photo carries its own mask
+        fg = alpha
+    else:
+        fg = segmenter(image) if segmenter is not None else grabcut_mask(image)  # (H, W) in [0, 1]
     box = subject_square(fg)
     photo = image.crop(box).resize((size, size), Image.LANCZOS)
     mask_full = Image.fromarray((fg * 255).clip(0, 255).astype(np.uint8))

@@ -137,3 +137,14 @@ def test_onnx_segmenter_is_used_when_present(tmp_path, monkeypatch):
     (tmp_path / "broken.onnx").write_bytes(b"not onnx")
     with pytest.raises(InputError, match="could not be loaded"):
         OnnxSegmenter(tmp_path / "broken.onnx")
+
+
+def test_cut_out_photo_uses_its_alpha_as_the_mask(tmp_path):
+    image = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
+    ImageDraw.Draw(image).rectangle((20, 20, 59, 59), fill=(10, 20, 200, 255))
+    image.save(tmp_path / "cut.png")
+    assert load_photo(tmp_path / "cut.png").getpixel((0, 0)) == (255, 255, 255)  # composited on white
+    [prepared] = prepare_photos([str(tmp_path / "cut.png")], 64)
+    mask = np.asarray(prepared.mask) > 127
+    blue = np.asarray(prepared.photo)[..., 0] < 100  # the blue square (the background is white)
+    assert mask.mean() > 0.4 and (mask == blue).mean() > 0.97
