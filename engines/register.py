@@ -587,16 +587,17 @@ class _Trainer:
         target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
         rows = torch.randint(0, len(reg.sentences), (preset.reg_batch,), generator=generator, device=device)  # (R,)
         with self.autocast():
-            cond = unet_condition(tuned, prompt_ids, self.xl)  # (1, L, D)
-            cond = cond.expand(preset.batch, -1, -1).to(unet.dtype)  # (b, L, D)
+            # one encoder pass for the training prompt and the L_reg sentences together
+            ids = [torch.cat([p, x[rows.cpu()].to(device)]) for p, x in zip(prompt_ids, reg.ids)]  # (1 + R, L)
+            encoded = unet_condition(tuned, ids, self.xl)  # (1 + R, L, D)
+            cond = encoded[:1].expand(preset.batch, -1, -1).to(unet.dtype)  # (b, L, D)
             kwargs = {}
             if added is not None:
                 kwargs["added_cond_kwargs"] = {k: v.expand(preset.batch, -1).to(unet.dtype) for k, v in added.items()}
             pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond, **kwargs).sample  # (b, 4, h, w)
             w = weights[pick]  # (b, 1, h, w)
             l_sub = ((pred.float() - target.float()) ** 2 * w).sum() / (w.sum() * pred.shape[1])  # Eq. 2
-            ids = [x[rows.cpu()].to(device) for x in reg.ids]
-            out = unet_condition(tuned, ids, self.xl).float()  # (R, L, D)
+            out = encoded[1:].float()  # (R, L, D)
             per_token = ((out - reg_targets[rows]) ** 2).mean(-1)  # (R, L)
             m = keep[rows].float()  # (R, L): every position but the class word (Eq. 3)
             l_reg = (per_token * m).sum() / m.sum()
