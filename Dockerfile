@@ -3,7 +3,7 @@
 #   docker run --gpus all -p 7860:7860 -v troupe-data:/data troupe                       # the embedded demo model
 #   docker run --gpus all -p 7860:7860 -v troupe-data:/data troupe python app.py --host 0.0.0.0 \
 #       --model stable-diffusion-v1-5/stable-diffusion-v1-5 --vram "24 GB"               # a Hub model (cached in /data)
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+FROM nvidia/cuda:12.8.1-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -20,7 +20,8 @@ RUN apt-get update \
  && python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# CUDA torch first (its wheel brings the CUDA libraries), then everything else; override for another CUDA.
+# CUDA torch first (its wheels bring cuDNN and the CUDA libraries), then the rest; override for another CUDA:
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 -t troupe .
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 RUN pip install --upgrade pip && pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"
