@@ -12,7 +12,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_SERVER_PORT=7860 \
     HF_HOME=/data/huggingface \
-    TROUPE_LIBRARY=/data/library
+    TROUPE_LIBRARY=/data/library \
+    TROUPE_OUTPUTS=/data/outputs
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \

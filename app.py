@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vram", default=None, help="machine preset of presets/vram.json: CPU, 8 GB, 24 GB, A100")
     parser.add_argument("--host", default=None, help="default 127.0.0.1 (or $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="default 7860 (or $GRADIO_SERVER_PORT)")
-    parser.add_argument("--outputs", default="outputs", help="folder for generated images and projects")
+    parser.add_argument("--outputs", default=os.environ.get("TROUPE_OUTPUTS", "outputs"),
+                        help="folder for generated images and projects (default ./outputs or $TROUPE_OUTPUTS)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     args = parser.parse_args(argv)
 
