@@ -822,8 +822,7 @@ def _with_choice(choices: list[tuple[str, str]], value: str) -> list[tuple[str, 
 
 
 def _relation_label(relation: Relation) -> str:
-    icon = {"action": "●", "interaction": "●●", "spatial": "⇄"}.get(relation.kind, "")
-    return f"{relation.template.format(a='A', b='B')}  {icon}"
+    return relation.template.format(a="A", b="B")
 
 
 def _cards(subjects: list[SubjectInfo]) -> list[tuple[Any, str]]:
