@@ -151,7 +151,8 @@ def test_register_sdxl_has_a_residual_per_encoder(tmp_path, photo_paths):
     xl = bundle("sdxl")
     library = SubjectLibrary(tmp_path / "lib")
     register_subject(xl, RegisterRequest("rex", "dog", photo_paths[:2], preset="quick"), library,
-                     overrides={**FAST, "steps": 6})
+                     overrides={**FAST, "steps": 6, "gradient_checkpointing": True})
+    assert library.meta("rex")["stats"]["gradient_checkpointing"] and not xl.pipe.unet.is_gradient_checkpointing
     residuals = library.residuals("rex")
     widths = [e.config.hidden_size for e in xl.text_encoders]
     assert {k: tuple(v.shape) for k, v in residuals.items()} == {"text_encoder": (1, widths[0]),
