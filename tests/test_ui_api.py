@@ -328,3 +328,14 @@ def test_app_on_a_space_wraps_gpu_work_and_isolates_visitors(tiny_sd15_dir, tmp_
     assert served["args"][0] is None  # host from $GRADIO_SERVER_NAME on a Space
     monkeypatch.delitem(sys.modules, "spaces")
     importlib.reload(app)
+
+
+def test_switching_models_keeps_the_old_one_on_failure(client, studio_app, tiny_sd15_dir, tmp_path):
+    studio = studio_app[0]
+    before = studio.model_spec
+    with pytest.raises(AppError, match="does not exist"):
+        client.predict(str(tmp_path / "no-such-model"), "cpu", "fp32", "none", "none", api_name="/load_model")
+    assert studio.model_spec == before
+    status, info, badge, size = client.predict(str(tiny_sd15_dir), "cpu", "fp32", "none", "none",
+                                               api_name="/load_model")
+    assert "Loaded" in status and "sd15" in info and studio.model_spec.device == "cpu"
