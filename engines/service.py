@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from pathlib import Path
@@ -38,6 +39,15 @@ class Studio:
 
                 self._bundle = load_model(self.model_spec)
             return self._bundle
+
+    def with_library(self, library_dir: Path | str) -> Studio:
+        """A view with its own subject library (one per visitor of a Space) that shares this studio's model and
+        GPU lock. The model is loaded first, so every view uses the same one."""
+        with self._gpu:
+            self.bundle  # noqa: B018 - load once, before the views share it
+        view = copy.copy(self)
+        view.library_dir, view._library = Path(library_dir).expanduser(), None
+        return view
 
     def load_model(self, spec: ModelSpec) -> None:
         """Switch models; the old one stays loaded if the new one fails."""

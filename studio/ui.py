@@ -10,7 +10,6 @@ InputError text), never a traceback, and it changes nothing.
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import html
@@ -229,11 +228,8 @@ class _Sessions:
         session = _session(request)
         with self.lock:
             if session not in self.studios:
-                self.studio.bundle  # noqa: B018 - load the model once, before the views share it
-                view = copy.copy(self.studio)  # shares the loaded model and the GPU lock, not the library
-                view.library_dir = self.per_user_root / hashlib.sha256(session.encode()).hexdigest()[:24]
-                view._library = None
-                self.studios[session] = view
+                folder = self.per_user_root / hashlib.sha256(session.encode()).hexdigest()[:24]
+                self.studios[session] = self.studio.with_library(folder)
             return self.studios[session]
 
     def cancel_flag(self, request: gr.Request | None, kind: str, fresh: bool = False) -> threading.Event:
