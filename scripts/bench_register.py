@@ -6,6 +6,12 @@
     python scripts/bench_register.py --random-arch sdxl --presets quick,standard
     python scripts/bench_register.py --random-arch sd15 --max-steps 5    # time a few steps, extrapolate the rest
 
+    python scripts/bench_register.py --model demo --identity 140,60,180   # + does Δ make the ball purple?
+
+--identity R,G,B (demo world): the subject is a ball of that colour on grass; after registering, 12 images of
+"a photo of ball on grass" are generated with and without Δ (Cones 2 Eq. 6, added at the 'ball' token) and the
+share of object pixels near that colour is printed — a number to tune the presets against on a trained demo model.
+
 Prints one row per preset: steps run, wall seconds, seconds per training step, the estimated full-preset time
 (setup + s/step × preset steps), L_sub on a fixed set before → after, held-out preservation error and Δ bytes.
 """
@@ -108,6 +114,47 @@ def make_photos(folder: Path, size: int, count: int = 4) -> tuple[str, ...]:
     return tuple(paths)
 
 
+def ball_photos(folder: Path, colour: tuple[int, int, int], count: int = 4) -> tuple[str, ...]:
+    """A demo-world subject: a ball of one colour at a few places and sizes on grass (64 px)."""
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", (64, 64), (110, 170, 90))
+        r, cx, cy = 12 + 2 * i, 20 + 8 * i, 26 + 4 * (i % 2)
+        ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+        path = folder / f"ball{i}.png"
+        image.save(path)
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def colour_share(bundle: ModelBundle, colour: tuple[int, int, int], delta: torch.Tensor | None,
+                 class_word: str = "ball", seeds: int = 12) -> float:
+    """Share of object pixels (far from the grass) near `colour` in images of 'a photo of ball on grass'."""
+    import numpy as np
+
+    from engines.register import class_token_ids
+
+    pipe, prompt = bundle.pipe, f"a photo of {class_word} on grass"
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids[0].tolist()
+    cls = class_token_ids(pipe.tokenizer, class_word)
+    pos = next(i for i in range(len(ids)) if ids[i:i + len(cls)] == cls)
+    with torch.no_grad():
+        positive, negative = pipe.encode_prompt(prompt, bundle.device, 1, True, "")  # (1, 77, D) each
+        if delta is not None:
+            positive = positive.clone()
+            positive[:, pos:pos + len(cls)] += delta.to(positive.device, positive.dtype)  # Eq. 6
+    shares = []
+    for seed in range(seeds):
+        generator = torch.Generator(bundle.device).manual_seed(seed)
+        image = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=20,
+                     guidance_scale=5.0, generator=generator).images[0]
+        pixels = np.asarray(image, np.float32)  # (H, W, 3)
+        objects = np.linalg.norm(pixels - np.array([110, 170, 90]), axis=-1) > 60
+        near = np.linalg.norm(pixels - np.array(colour), axis=-1) < 70
+        shares.append((near & objects).sum() / max(objects.sum(), 1))
+    return float(np.mean(shares))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
@@ -120,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--class-word", default="dog")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--identity", default=None, metavar="R,G,B",
+                        help="demo world: register a ball of this colour and measure Δ's effect on generation")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     if bundle.device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name(bundle.device)}")
     rows = []
+    identity = tuple(int(v) for v in args.identity.split(",")) if args.identity else None
     with tempfile.TemporaryDirectory() as folder:
-        photos = make_photos(Path(folder), bundle.native_size)
+        photos = ball_photos(Path(folder), identity) if identity else make_photos(Path(folder), bundle.native_size)
+        if identity:
+            args.class_word = "ball"
+            print(f"identity: colour share without Δ {colour_share(bundle, identity, None):.3f}")
         for preset_name in args.presets.split(","):
             preset = PRESETS[preset_name]
             steps = min(preset.steps, args.max_steps) if args.max_steps else preset.steps
@@ -151,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             stats = library.meta("bench")["stats"]
             size = (library.root / "bench" / "residuals.safetensors").stat().st_size
             peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
+            if identity:
+                share = colour_share(bundle, identity, library.residuals("bench")["text_encoder"])
+                print(f"identity: colour share with the {preset_name} Δ {share:.3f}")
             rows.append((preset_name, steps, preset.steps, total, per_step, setup + per_step * preset.steps,
                          stats["l_sub_eval_before"], stats["l_sub_eval_after"], stats["heldout_preservation_error"],
                          size, peak))
