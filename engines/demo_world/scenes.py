@@ -280,6 +280,7 @@ def _relation_pair(rng: np.random.Generator, rel: str) -> tuple[list[ObjectSpec]
         return [b, a], (1, rel, 0)
     if rel == "next to":  # side by side on a common baseline, small gap
         gap = float(rng.uniform(1, 6))
+        sb = min(sb, SIZE - sa - gap - 1.0)  # both must fit side by side
         width = sa + sb + gap
         x0 = float(rng.uniform(0, SIZE - width))
         base = float(rng.uniform(max(sa, sb), SIZE))

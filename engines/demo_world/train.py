@@ -51,6 +51,7 @@ def make_vae():
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
         norm_num_groups=8, sample_size=SIZE, scaling_factor=1.0,
+        mid_block_add_attention=False,  # fully convolutional: trains on crops, cheap on CPU
     )
 
 
@@ -104,16 +105,17 @@ def train_vae(work: Path, steps: int, batch: int = 16, lr: float = 2e-3) -> None
     vae = make_vae().train()
     log(f"vae: {n_params(vae) / 1e6:.2f} M params, training {steps} steps at batch {batch}")
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    pool = scene_images(10_000_000, 8192)  # held-apart seeds from the UNet's training scenes
+    pool = scene_images(10_000_000, 4096)  # held-apart seeds from the UNet's training scenes
     g = torch.Generator().manual_seed(SEED)
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(len(pool), (batch,), generator=g)
-        x = pool[idx]  # [B, 3, 64, 64]
+        oy, ox = (torch.randint(0, 9, (2,), generator=g) * 4).tolist()  # latent-aligned 32x32 crop
+        x = pool[idx][:, :, oy:oy + 32, ox:ox + 32]  # [B, 3, 32, 32]
         post = vae.encode(x).latent_dist
         z = post.sample(generator=g)
         rec = vae.decode(z).sample
-        kl = post.kl().mean() / (4 * 16 * 16)
+        kl = post.kl().mean() / (4 * 8 * 8)
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-5 * kl
         cur = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for gp in opt.param_groups:
@@ -137,6 +139,67 @@ def train_vae(work: Path, steps: int, batch: int = 16, lr: float = 2e-3) -> None
     log(f"vae: {step} steps, latent std {std:.4f} -> scaling_factor {1 / std:.4f}, held-out L1 {err:.2f}/255")
     vae.save_pretrained(out, safe_serialization=True)
     (work / "vae_stats.json").write_text(json.dumps(dict(steps=step, latent_std=std, l1_255=err, batch=batch)))
+
+
+def finetune_decoder(work: Path, steps: int, batch: int = 16, lr: float = 1e-3) -> None:
+    """Sharpen the decoder with the encoder frozen, so the latent space (and cached latents, and a UNet trained on
+    them) stay valid: L1 + L2 + L1 of image gradients on 32x32 crops decoded from 8x8 latent crops, with mild
+    latent noise so the decoder tolerates the UNet's imperfect latents. Writes work/vae_ft."""
+    from diffusers import AutoencoderKL
+
+    out = work / "vae_ft"
+    if (out / "config.json").exists():
+        log(f"decoder: found {out}, skipping")
+        return
+    torch.manual_seed(SEED + 1)
+    vae = AutoencoderKL.from_pretrained(work / "vae")
+    vae.requires_grad_(False)
+    train_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in train_params:
+        p.requires_grad_(True)
+    pool = scene_images(11_000_000, 4096)  # [4096, 3, 64, 64]
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(pool[i:i + 256]).latent_dist.mean for i in range(0, len(pool), 256)])
+    std = lat.std().item()
+    log(f"decoder: fine-tuning {sum(p.numel() for p in train_params) / 1e6:.2f} M params for {steps} steps")
+    opt = torch.optim.AdamW(train_params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(SEED + 1)
+    vae.decoder.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(len(pool), (batch,), generator=g)
+        ly, lx = torch.randint(0, 9, (2,), generator=g).tolist()
+        z = lat[idx][:, :, ly:ly + 8, lx:lx + 8]  # [B, 4, 8, 8]
+        z = z + 0.1 * std * torch.randn(z.shape, generator=g)
+        x = pool[idx][:, :, 4 * ly:4 * ly + 32, 4 * lx:4 * lx + 32]  # [B, 3, 32, 32]
+        rec = vae.decode(z).sample
+        gx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+        gy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + F.l1_loss(gx(rec), gx(x)) + F.l1_loss(gy(rec), gy(x))
+        cur = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for gp in opt.param_groups:
+            gp["lr"] = cur
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(train_params, 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log(f"decoder step {step + 1}/{steps} loss {loss.item():.4f} l1 {F.l1_loss(rec, x).item():.4f} "
+                f"{(time.time() - t0) / (step + 1):.2f}s/step")
+    vae.eval()
+    with torch.no_grad():
+        x = scene_images(20_000_000, 256)
+        err = (vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mul(127.5).mean().item()
+    log(f"decoder: held-out L1 {err:.2f}/255")
+    tmp = work / "vae_ft.tmp"
+    vae.save_pretrained(tmp, safe_serialization=True)
+    os.rename(tmp, out)
+    (work / "decoder_stats.json").write_text(json.dumps(dict(steps=steps, batch=batch, l1_255=err)))
+
+
+def vae_dir(work: Path) -> Path:
+    """The VAE to ship: the decoder-sharpened one when it exists (same encoder, same latents)."""
+    return work / "vae_ft" if (work / "vae_ft" / "config.json").exists() else work / "vae"
 
 
 def cache_latents(work: Path, n: int) -> Path:
@@ -171,7 +234,7 @@ def export(out: Path, work: Path, unet, text_encoder, tokenizer) -> None:
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-    vae = AutoencoderKL.from_pretrained(work / "vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir(work))
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).half(), tokenizer=tokenizer,
         unet=copy.deepcopy(unet).half(), scheduler=DDIMScheduler(**SCHEDULER_KW),
@@ -264,11 +327,23 @@ def train_unet(work: Path, out: Path, latents_path: Path, steps: int, batch: int
     snr = abar / (1 - abar)
     weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
     g = torch.Generator().manual_seed(SEED + step)  # resume continues a (different but fixed) stream
-    warmup = 300
+    warmup = 150
     t_start, losses = time.time(), []
+    last_export = time.time()
+    stop = {"now": False}
+
+    def _on_term(signum, frame):  # SIGTERM: finish the step, checkpoint, export, exit
+        stop["now"] = True
+
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_term)
     while step < steps:
         if minutes and time.time() - t_start > minutes * 60:
             log(f"time budget of {minutes} min reached at step {step}")
+            break
+        if stop["now"]:
+            log(f"SIGTERM: stopping at step {step}")
             break
         idx = torch.randint(len(lat), (batch,), generator=g)
         x0 = lat[idx]  # [B, 4, 16, 16]
@@ -306,7 +381,8 @@ def train_unet(work: Path, out: Path, latents_path: Path, steps: int, batch: int
                 f"{el / max(1, len(losses)):.2f}s/step")
         if step % ckpt_every == 0 or step == steps:
             _save_ckpt(ckpt, step, unet, te, ema_unet, ema_te, opt)
-        if step % export_every == 0 or step == steps:
+        if step % export_every == 0 or step == steps or time.time() - last_export > 600:
+            last_export = time.time()
             export(out, work, ema_unet, ema_te, tokenizer)
             (work / "train_stats.json").write_text(json.dumps(dict(
                 step=step, batch=batch, lr=lr, steps=steps, loss_last100=float(np.mean(losses[-100:])),
@@ -314,7 +390,23 @@ def train_unet(work: Path, out: Path, latents_path: Path, steps: int, batch: int
             log(f"exported EMA weights to {out} at step {step}")
     _save_ckpt(ckpt, step, unet, te, ema_unet, ema_te, opt)
     export(out, work, ema_unet, ema_te, tokenizer)
+    (work / "train_stats.json").write_text(json.dumps(dict(
+        step=step, batch=batch, lr=lr, steps=steps, loss_last100=float(np.mean(losses[-100:] or [float("nan")])),
+        sec_per_step=(time.time() - t_start) / max(1, len(losses)))))
     log(f"done at step {step}; exported to {out}")
+
+
+def export_only(work: Path, out: Path) -> None:
+    """Re-export the EMA weights of the last checkpoint (e.g. after the decoder stage finished)."""
+    import copy
+
+    tokenizer = load_tokenizer(work / "tokenizer")
+    unet, te = make_unet(), make_text_encoder(tokenizer)
+    ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(te)
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(te.parameters()))
+    step = _load_ckpt(work / "ckpt.safetensors", unet, te, ema_unet, ema_te, opt)
+    export(out, work, ema_unet, ema_te, tokenizer)
+    log(f"exported step {step} (EMA) with {vae_dir(work)} to {out}")
 
 
 def bench(work: Path, batch: int, n: int = 5) -> None:
@@ -356,16 +448,19 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="assets/demo_model")
     ap.add_argument("--work", default=".cache/demo_train")
     ap.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget of the UNet stage (0 = none)")
-    ap.add_argument("--vae-steps", type=int, default=700)
-    ap.add_argument("--scenes", type=int, default=32_000)
-    ap.add_argument("--steps", type=int, default=3600)
-    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--scenes", type=int, default=24_000)
+    ap.add_argument("--steps", type=int, default=1800)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--export-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decoder-steps", type=int, default=1500, help="decoder sharpening steps (0 = skip)")
+    ap.add_argument("--decoder-only", action="store_true", help="only run the decoder stage (needs the vae stage)")
     ap.add_argument("--bench", action="store_true", help="only measure seconds per step")
+    ap.add_argument("--export-only", action="store_true", help="only re-export the last checkpoint's EMA weights")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     work, out = Path(a.work), Path(a.out)
@@ -375,8 +470,16 @@ def main(argv=None) -> None:
         bench(work, a.batch)
         return
     log(f"args: {vars(a)}")
+    if a.export_only:
+        export_only(work, out)
+        return
+    if a.decoder_only:
+        finetune_decoder(work, a.decoder_steps)
+        return
     train_vae(work, a.vae_steps)
     lp = cache_latents(work, a.scenes)
+    if a.decoder_steps:
+        finetune_decoder(work, a.decoder_steps)
     train_unet(work, out, lp, a.steps, a.batch, a.lr, a.minutes, a.log_every, a.ckpt_every, a.export_every)
 
 
