@@ -19,6 +19,8 @@ Prints one row per preset: steps run, wall seconds, seconds per training step, t
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 import time
@@ -94,7 +96,9 @@ def build_bundle(args) -> tuple[ModelBundle, str]:
     if source == "demo" and not (DEMO_MODEL_DIR / "model_index.json").exists():
         from tests.tiny_models import save_tiny
 
-        source = save_tiny("sd15", Path(tempfile.mkdtemp(prefix="troupe-tiny-")) / "tiny_sd15")
+        folder = tempfile.mkdtemp(prefix="troupe-tiny-")
+        atexit.register(shutil.rmtree, folder, True)
+        source = save_tiny("sd15", Path(folder) / "tiny_sd15")
         print(f"(the demo model is not built yet: {DEMO_MODEL_DIR}; using a tiny random SD 1.5 instead)",
               file=sys.stderr)
         return load_model(ModelSpec(str(source), device=args.device)), "tiny random sd15 (demo model absent)"
