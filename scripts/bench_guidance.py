@@ -24,8 +24,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from engines.generate import Generator  # noqa: E402
-from engines.models import ModelBundle, load_model, text_encoder_fingerprint  # noqa: E402
+from engines.models import ModelBundle, load_model  # noqa: E402
 from engines.types import GenerateRequest, GuidanceConfig, Layout, ModelSpec, Region  # noqa: E402
+from scripts.random_models import random_bundle  # noqa: E402
 
 PROMPT = "a photo of dog and cat on the beach"
 LAYOUT = Layout((Region("dog", (0.05, 0.3, 0.5, 0.9)), Region("cat", (0.45, 0.2, 0.95, 0.8), layer=1)))
@@ -39,13 +40,8 @@ CASES = {
 
 def bundle_for(args) -> ModelBundle:
     if args.random_arch:
-        from scripts.bench_register import random_pipeline
-
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe = random_pipeline(args.random_arch, device, dtype)
-        return ModelBundle(pipe, ModelSpec(f"random-{args.random_arch}"), args.random_arch, device, dtype,
-                           text_encoder_fingerprint(pipe))
+        return random_bundle(args.random_arch, device, args.size)
     return load_model(ModelSpec(args.model))
 
 

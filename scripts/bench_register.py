@@ -33,65 +33,16 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from engines.library import SubjectLibrary  # noqa: E402
-from engines.models import DEMO_MODEL_DIR, ModelBundle, load_model, text_encoder_fingerprint  # noqa: E402
+from engines.models import DEMO_MODEL_DIR, ModelBundle, load_model  # noqa: E402
 from engines.register import PRESETS, register_subject  # noqa: E402
 from engines.types import ModelSpec, RegisterRequest  # noqa: E402
-
-
-def random_pipeline(arch: str, device: torch.device, dtype: torch.dtype, resolution: int | None = None):
-    """Full-size SD 1.5 / SDXL architectures with random weights (configs written out here; nothing downloaded)."""
-    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from tests.tiny_models import tiny_tokenizer  # a small BPE vocab: its ids fit any CLIP embedding table
-
-    tokenizer = tiny_tokenizer()
-    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, steps_offset=1, clip_sample=False)
-    vae_blocks = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
-    with torch.device(device):
-        torch.manual_seed(0)
-        if arch == "sd15":
-            unet = UNet2DConditionModel(
-                sample_size=(resolution or 512) // 8, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-                cross_attention_dim=768,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), attention_head_dim=8,
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-            pipe = StableDiffusionPipeline(
-                vae=AutoencoderKL(sample_size=512, **vae_blocks), text_encoder=CLIPTextModel(clip_l),
-                tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False)
-        else:
-            big_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                   num_attention_heads=20, vocab_size=49408, max_position_embeddings=77,
-                                   projection_dim=1280, hidden_act="gelu")
-            unet = UNet2DConditionModel(
-                sample_size=(resolution or 1024) // 8, layers_per_block=2, block_out_channels=(320, 640, 1280),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816, cross_attention_dim=2048)
-            pipe = StableDiffusionXLPipeline(
-                vae=AutoencoderKL(sample_size=1024, scaling_factor=0.13025, force_upcast=True, **vae_blocks),
-                text_encoder=CLIPTextModel(clip_l), text_encoder_2=CLIPTextModelWithProjection(big_g),
-                tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
-    pipe.to(device, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from scripts.random_models import random_bundle  # noqa: E402
 
 
 def build_bundle(args) -> tuple[ModelBundle, str]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.random_arch:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe = random_pipeline(args.random_arch, device, dtype, args.resolution)
-        return (ModelBundle(pipe, ModelSpec(f"random-{args.random_arch}"), args.random_arch, device, dtype,
-                            text_encoder_fingerprint(pipe)), f"random {args.random_arch} (full size)")
+        return random_bundle(args.random_arch, device, args.resolution), f"random {args.random_arch} (full size)"
     source = args.model
     if source == "demo" and not (DEMO_MODEL_DIR / "model_index.json").exists():
         from tests.tiny_models import save_tiny
@@ -200,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             begin = time.perf_counter()
             register_subject(bundle, RegisterRequest("bench", args.class_word, photos, preset=preset_name), library,
-                             on_progress=lambda p: stamps.append(time.perf_counter()),
+                             on_progress=lambda p, stamps=stamps: stamps.append(time.perf_counter()),
                              overrides={"steps": steps, "checkpoint_every": 0})
             total = time.perf_counter() - begin
             per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else stamps[0] - begin
