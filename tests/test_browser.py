@@ -1,6 +1,6 @@
 """The real studio in headless Chromium (Debian's /usr/bin/chromium, Playwright's sync API), tiny SD 1.5 model.
 
-One walk through the studio, as a person would: a bad upload shows a readable message; register a subject from
+One walk through the studio, as a person would: a bad upload shows a readable message; register two subjects from
 photo files; draw two boxes with the mouse and name them; reorder the layers; pick a relation (it fills the prompt
 and proposes boxes), move a proposed box; generate and see the image, whose PNG carries the moved box.
 Screenshots go to artifacts/ (gitignored).
@@ -117,6 +117,14 @@ def test_walk_through_the_studio(page, tmp_path):
     page.locator("#register-btn").click()
     expect(page.locator("#register-status")).to_contain_text("is ready", timeout=90_000)
     expect(page.locator("#subject-gallery")).to_contain_text("<rex>")
+    # a second subject, so two registered subjects can be placed together
+    page.locator("#subject-photos input[type=file]").set_input_files(_photos(tmp_path))
+    page.locator("#subject-name input, #subject-name textarea").first.fill("milo")
+    _pick(page, "subject-class", "box", custom=True)
+    page.locator("#register-btn").click()
+    expect(page.locator("#register-status")).to_contain_text("milo", timeout=90_000)
+    expect(page.locator("#register-status")).to_contain_text("is ready", timeout=90_000)
+    expect(page.locator("#subject-gallery")).to_contain_text("<milo>")
 
     # --- Compose: draw two boxes with the mouse and name them
     page.get_by_role("tab", name="Compose").click()
@@ -125,10 +133,10 @@ def test_walk_through_the_studio(page, tmp_path):
     page.keyboard.type("<rex>")
     page.keyboard.press("Enter")
     _drag(page, stage, (0.55, 0.2), (0.92, 0.7))
-    page.keyboard.type("blue box")
+    page.keyboard.type("<milo>")
     page.keyboard.press("Enter")
     expect(page.locator("#canvas .tc-box")).to_have_count(2)
-    assert _row_labels(page) == ["blue box", "<rex>"]  # front first
+    assert _row_labels(page) == ["<milo>", "<rex>"]  # front first
 
     # a zero-size "box" (a click) draws nothing; a tiny drag says why
     _drag(page, stage, (0.5, 0.9), (0.505, 0.905))
@@ -137,7 +145,7 @@ def test_walk_through_the_studio(page, tmp_path):
 
     # --- reorder layers: bring <rex> to the front
     page.locator("#layer-list .tc-row").nth(1).locator(".tc-up").click()  # the back row: <rex>
-    assert _row_labels(page) == ["<rex>", "blue box"]
+    assert _row_labels(page) == ["<rex>", "<milo>"]
     z = page.locator("#canvas .tc-box").evaluate_all("els => els.map(e => [e.innerText, +e.style.zIndex])")
     assert max(z, key=lambda t: t[1])[0].endswith("<rex>")
     page.screenshot(path=str(ARTIFACTS / "studio-canvas.png"), full_page=True)
@@ -145,8 +153,8 @@ def test_walk_through_the_studio(page, tmp_path):
     # --- a relation fills the prompt and proposes boxes; move the proposed box of <rex>
     _pick(page, "relation", "A next to B")
     _pick(page, "relation-a", "<rex>", custom=True)
-    _pick(page, "relation-b", "blue box", custom=True)
-    expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"^<rex> next to blue box"))
+    _pick(page, "relation-b", "<milo>", custom=True)
+    expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"^<rex> next to <milo>"))
     expect(page.locator("#canvas .tc-box")).to_have_count(2)
     rex_box = page.locator("#canvas .tc-box", has_text="<rex>")
     before = rex_box.bounding_box()
@@ -169,7 +177,7 @@ def test_walk_through_the_studio(page, tmp_path):
     with Image.open(tmp_path / "result.png") as result:
         request = json.loads(result.text["troupe"])["request"]
     regions = {r["subject"] or r["phrase"]: r for r in request["layout"]["regions"]}
-    assert request["relation"] == "next to" and set(regions) == {"rex", "blue box"}
+    assert request["relation"] == "next to" and set(regions) == {"rex", "milo"}
     assert regions["rex"]["box"][1] < 0.3  # next to's default y0 is 0.3: the person's move reached the engine
 
     # --- bad input in Compose: an empty prompt is a readable message and changes nothing
@@ -182,7 +190,7 @@ def test_walk_through_the_studio(page, tmp_path):
     # --- reuse the settings of a result: the prompt, the seed and the boxes come back
     page.locator("#result-gallery img").first.click()
     page.locator("#reuse-btn").click()
-    expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"^<rex> next to blue box"))
+    expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"^<rex> next to <milo>"))
     expect(page.locator("#random-seed input")).not_to_be_checked()
     expect(page.locator("#canvas .tc-box")).to_have_count(2)
 
