@@ -7,7 +7,7 @@
 
 Prints seconds per image for: no layout; two regions (Troupe's default guidance); two regions with self-attention
 bounded; the public Cones 2 settings — and each one's overhead over the unguided run. Median of --repeats runs
-after one warm-up, so compile/allocation noise stays out.
+per case after a warm-up of each; the cases take turns, so drift and warm-up hit them all alike.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def bundle_for(args) -> ModelBundle:
     return load_model(ModelSpec(args.model))
 
 
-def time_case(generator: Generator, request: GenerateRequest, repeats: int) -> float:
-    def once() -> float:
+def time_cases(generator: Generator, requests: dict[str, GenerateRequest], repeats: int) -> dict[str, float]:
+    """Median seconds per case. The cases take turns (round robin), so warm-up and drift hit them all alike."""
+    def once(request: GenerateRequest) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -55,8 +56,13 @@ def time_case(generator: Generator, request: GenerateRequest, repeats: int) -> f
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    once()  # warm-up
-    return statistics.median(once() for _ in range(repeats))
+    for request in requests.values():
+        once(request)  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in requests}
+    for _ in range(repeats):
+        for name, request in requests.items():
+            samples[name].append(once(request))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,13 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if bundle.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     size = args.size or bundle.native_size
     print(f"model {bundle.spec.source} ({bundle.family}), {size}×{size}, {args.steps} steps, CFG on, {device}")
-    baseline = None
-    for name, (layout, guidance) in CASES.items():
-        request = GenerateRequest(PROMPT, layout=layout, guidance=guidance, seed=0, steps=args.steps,
-                                  width=size, height=size)
-        seconds = time_case(generator, request, args.repeats)
-        baseline = baseline or seconds
-        print(f"{name:38s} {seconds:8.3f} s/image   overhead {100 * (seconds / baseline - 1):+6.1f}%")
+    requests = {name: GenerateRequest(PROMPT, layout=layout, guidance=guidance, seed=0, steps=args.steps,
+                                      width=size, height=size) for name, (layout, guidance) in CASES.items()}
+    seconds = time_cases(generator, requests, args.repeats)
+    baseline = seconds["no layout"]
+    for name, value in seconds.items():
+        print(f"{name:38s} {value:8.3f} s/image   overhead {100 * (value / baseline - 1):+6.1f}%")
     return 0
 
 
