@@ -52,3 +52,28 @@ def sdxl(tiny_sdxl_dir):
     from engines.types import ModelSpec
 
     return load_model(ModelSpec(str(tiny_sdxl_dir)))
+
+
+@pytest.fixture(scope="module")
+def served_studio(tiny_sd15_dir, tmp_path_factory):
+    """The studio UI served on a free local port over a tiny SD 1.5 (one per test module): (studio, url)."""
+    import socket
+    from dataclasses import replace
+
+    import engines.register as register
+    from engines.service import Studio
+    from engines.types import ModelSpec
+    from studio.ui import build_ui, serve
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        # the real registration path, shortened: these tests cover the studio's plumbing, not training quality
+        quick = replace(register.PRESETS["quick"], steps=6, reg_pool=16, delta_sentences=16, reg_batch=2)
+        mp.setitem(register.PRESETS, "quick", quick)
+        studio = Studio(ModelSpec(source=str(tiny_sd15_dir)), tmp_path_factory.mktemp("library"))
+        demo = build_ui(studio, outputs_dir=tmp_path_factory.mktemp("outputs"))
+        _, url, _ = serve(demo, port=port, prevent_thread_lock=True, quiet=True)
+        yield studio, url
+        demo.close()

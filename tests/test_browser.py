@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,28 +24,9 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(tiny_sd15_dir, tmp_path_factory):
-    import engines.register as register
-    from engines.service import Studio
-    from engines.types import ModelSpec
-    from studio.ui import build_ui, serve
-
-    with pytest.MonkeyPatch.context() as mp:
-        # the real registration path, with a few steps so the walk stays well under two minutes on a CPU
-        quick = replace(register.PRESETS["quick"], steps=6, reg_pool=16, delta_sentences=16, reg_batch=2)
-        mp.setitem(register.PRESETS, "quick", quick)
-        studio = Studio(ModelSpec(source=str(tiny_sd15_dir)), tmp_path_factory.mktemp("library"))
-        demo = build_ui(studio, outputs_dir=tmp_path_factory.mktemp("outputs"))
-        _, url, _ = serve(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
-        yield url
-        demo.close()
+def app_url(served_studio):
+    return served_studio[1]
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +178,9 @@ def test_subjects_tab_screenshot(page):
     """After the walk: the Subjects tab with its card (a picture for the report and for reviewers)."""
     page.get_by_role("tab", name="Subjects").click()
     sync_api.expect(page.locator("#subject-gallery")).to_contain_text("<rex>")
-    page.locator("#subject-gallery img").first.click()
-    sync_api.expect(page.locator("#subject-detail")).to_contain_text("<rex>")
+    sync_api.expect(page.locator("#subject-gallery")).to_contain_text("<milo>")
+    page.locator("#subject-gallery img").first.click()  # cards are sorted by name
+    sync_api.expect(page.locator("#subject-detail")).to_contain_text("<milo>")
     page.screenshot(path=str(ARTIFACTS / "studio-subjects.png"), full_page=True)
     # "Place on canvas" adds a region for the subject and goes back to the canvas
     before = page.locator("#canvas .tc-box").count()
@@ -216,10 +196,10 @@ def test_a_non_image_upload_is_a_readable_message(page, tmp_path):
     note = tmp_path / "notes.txt"
     note.write_text("not a photo")
     page.locator("#subject-photos input[type=file]").set_input_files(str(note))
-    page.locator("#subject-name input, #subject-name textarea").first.fill("milo")
+    page.locator("#subject-name input, #subject-name textarea").first.fill("nemo")
     page.locator("#register-btn").click()
     sync_api.expect(page.get_by_text(re.compile(r"is not an image|Invalid file type")).first).to_be_visible()
-    sync_api.expect(page.locator("#subject-gallery")).not_to_contain_text("<milo>")
+    sync_api.expect(page.locator("#subject-gallery")).not_to_contain_text("<nemo>")
     page.screenshot(path=str(ARTIFACTS / "studio-bad-upload.png"), full_page=True)
 
 

@@ -35,21 +35,8 @@ def gen_args(prompt: str, canvas: str, seed: int = 7, random_seed: bool = False,
 
 
 @pytest.fixture(scope="module")
-def studio_app(tiny_sd15_dir, tmp_path_factory):
-    import engines.register as register
-    from engines.service import Studio
-    from engines.types import ModelSpec
-    from studio.ui import build_ui, serve
-
-    with pytest.MonkeyPatch.context() as mp:
-        # the real registration path, shortened: this tests the studio's plumbing, not training quality
-        quick = replace(register.PRESETS["quick"], steps=6, reg_pool=16, delta_sentences=16, reg_batch=2)
-        mp.setitem(register.PRESETS, "quick", quick)
-        studio = Studio(ModelSpec(source=str(tiny_sd15_dir)), tmp_path_factory.mktemp("library"))
-        demo = build_ui(studio, outputs_dir=tmp_path_factory.mktemp("outputs"))
-        _, url, _ = serve(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
-        yield studio, url
-        demo.close()
+def studio_app(served_studio):
+    return served_studio
 
 
 @pytest.fixture(scope="module")
