@@ -710,10 +710,14 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             names = [x.name for x in subjects_of(request)]
             return gr.update(choices=names, value=info_new.name), f"Renamed `<{old}>` to `<{info_new.name}>`. Prompts that use `<{old}>` need updating."
 
-        rename_btn.click(rename, [subject_pick, rename_to], [subject_pick, subject_detail],
-                         api_name="rename_subject", show_progress="hidden").success(
-            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented", show_progress="hidden").then(
-            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
+        def then_refresh_subjects(event):
+            """After a change to the library: every subject picker, the gallery and the canvas suggestions."""
+            return event.success(subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick],
+                                 api_visibility="undocumented", show_progress="hidden").then(
+                refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
+
+        then_refresh_subjects(rename_btn.click(rename, [subject_pick, rename_to], [subject_pick, subject_detail],
+                                               api_name="rename_subject", show_progress="hidden"))
 
         @guarded
         def delete(name: str | None, request: gr.Request):
@@ -722,10 +726,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             sessions.studio_for(request).delete_subject(name)
             return gr.update(choices=[x.name for x in subjects_of(request)], value=None), f"Deleted `<{name}>`."
 
-        delete_btn.click(delete, subject_pick, [subject_pick, subject_detail],
-                         api_name="delete_subject", show_progress="hidden").success(
-            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented", show_progress="hidden").then(
-            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
+        then_refresh_subjects(delete_btn.click(delete, subject_pick, [subject_pick, subject_detail],
+                                               api_name="delete_subject", show_progress="hidden"))
 
         @guarded
         def export(name: str | None, request: gr.Request):
@@ -758,9 +760,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             info_new = sessions.studio_for(request).import_subject(path)
             return f"Imported `<{info_new.name}>` (a {info_new.class_word})."
 
-        import_btn.upload(import_subject, import_btn, subject_detail, api_name="import_subject", show_progress="hidden").success(
-            subjects_changed, None, [slot_a, slot_b, add_label, subject_gallery, subject_pick], api_visibility="undocumented", show_progress="hidden").then(
-            refresh_canvas_suggestions, canvas_box, canvas_box, api_visibility="undocumented", show_progress="hidden")
+        then_refresh_subjects(import_btn.upload(import_subject, import_btn, subject_detail, api_name="import_subject",
+                                                show_progress="hidden"))
 
         # ================================================================ events: settings
         def on_vram(name: str | None):

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
+from tiny_models import subject_photos
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -40,16 +41,6 @@ def page(app_url):
         page.wait_for_selector("#canvas .tc-stage")
         yield page
         browser.close()
-
-
-def _photos(folder: Path) -> list[str]:
-    paths = []
-    for i in range(3):
-        image = Image.new("RGB", (96, 96), (110, 170, 90))
-        ImageDraw.Draw(image).ellipse((18 + 3 * i, 20, 78 - 3 * i, 78), fill=(215, 40, 40))
-        paths.append(str(folder / f"rex{i}.png"))
-        image.save(paths[-1])
-    return paths
 
 
 def _drag(page, stage, start, end, shift: bool = False):
@@ -88,7 +79,7 @@ def test_walk_through_the_studio(page, tmp_path):
     page.get_by_role("tab", name="Subjects").click()
     page.locator("#register-btn").click()
     expect(page.get_by_text("drop 1–10 photos of the subject first").first).to_be_visible()
-    page.locator("#subject-photos input[type=file]").set_input_files(_photos(tmp_path))
+    page.locator("#subject-photos input[type=file]").set_input_files(subject_photos(tmp_path, "rex"))
     expect(page.locator("#subject-photos")).to_contain_text(re.compile(r"rex2\s*\.png"))
     page.locator("#subject-name input, #subject-name textarea").first.fill("rex")
     _pick(page, "subject-class", "ball", custom=True)
@@ -97,7 +88,7 @@ def test_walk_through_the_studio(page, tmp_path):
     expect(page.locator("#register-status")).to_contain_text("is ready", timeout=90_000)
     expect(page.locator("#subject-gallery")).to_contain_text("<rex>")
     # a second subject, so two registered subjects can be placed together
-    page.locator("#subject-photos input[type=file]").set_input_files(_photos(tmp_path))
+    page.locator("#subject-photos input[type=file]").set_input_files(subject_photos(tmp_path, "rex"))
     page.locator("#subject-name input, #subject-name textarea").first.fill("milo")
     _pick(page, "subject-class", "box", custom=True)
     page.locator("#register-btn").click()

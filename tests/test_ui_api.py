@@ -8,7 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
+from tiny_models import subject_photos
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -46,14 +47,7 @@ def client(studio_app):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[str]:
-    folder = tmp_path_factory.mktemp("photos")
-    paths = []
-    for i in range(3):
-        image = Image.new("RGB", (96, 96), (110, 170, 90))
-        ImageDraw.Draw(image).ellipse((20 + 4 * i, 20, 76 - 2 * i, 76), fill=(215, 40, 40))
-        paths.append(str(folder / f"photo{i}.png"))
-        image.save(paths[-1])
-    return paths
+    return subject_photos(tmp_path_factory.mktemp("photos"), "photo")
 
 
 def _troupe_request(path: str) -> dict:

@@ -17,6 +17,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "tiny_tokenizer"
@@ -90,3 +91,14 @@ def save_tiny(kind: str, folder: Path) -> Path:
     pipe = {"sd15": tiny_sd15, "sdxl": tiny_sdxl}[kind]()
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def subject_photos(folder: Path, stem: str, count: int = 3) -> list[str]:
+    """A few photos of one "subject" (a red disc on grass, slightly different each time) as PNG paths."""
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", (96, 96), (110, 170, 90))
+        ImageDraw.Draw(image).ellipse((18 + 3 * i, 20, 78 - 3 * i, 78), fill=(215, 40, 40))
+        paths.append(str(folder / f"{stem}{i}.png"))
+        image.save(paths[-1])
+    return paths
