@@ -68,7 +68,7 @@ def _parse_with(tokenizer, text: str, subject_chars: list[tuple[str, int, int]],
     window = tokenizer.model_max_length - 1  # the last place holds EOS
     if len(ids) > tokenizer.model_max_length:
         log.warning("prompt is %d tokens; the text encoder sees only the first %d", len(ids), window - 1)
-    subjects = tuple(SubjectOccurrence(name, _positions_in_chars(offsets, start, end))
+    subjects = tuple(SubjectOccurrence(name, positions_in_chars(offsets, start, end))
                      for name, start, end in subject_chars)
     for subject in subjects:
         if not subject.positions or max(subject.positions) >= window:
@@ -80,7 +80,7 @@ def _parse_with(tokenizer, text: str, subject_chars: list[tuple[str, int, int]],
     return subjects, regions
 
 
-def _positions_in_chars(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, ...]:
+def positions_in_chars(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, ...]:
     return tuple(i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start)
 
 

@@ -95,6 +95,7 @@ class Scene:
     background: str
     objects: tuple[SceneObject, ...]  # in layer order, back to front
     relation: Optional[tuple[int, str, int]] = None  # (layer of A, relation, layer of B): "A <relation> B"
+    phrase_spans: tuple[tuple[int, int], ...] = ()  # each object's words in `caption`: (start, end) characters
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -184,9 +185,10 @@ def render_scene(
         for i, s in enumerate(specs)
     )
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    spans: tuple[tuple[int, int], ...] = ()
     if caption is None:
-        caption = describe(objects, background, rng, relation)
-    return Scene(image, caption, background, objects, relation)
+        caption, spans = describe(objects, background, rng, relation)
+    return Scene(image, caption, background, objects, relation, spans)
 
 
 # --------------------------------------------------------------------------------------------- captions
@@ -211,30 +213,38 @@ def describe(
     background: str,
     rng: np.random.Generator,
     relation: Optional[tuple[int, str, int]] = None,
-) -> str:
-    """A caption from templates; object order varies so the model learns words, not positions."""
+) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """A caption from templates, and each object's (start, end) characters in it (in layer order).
+
+    Object order varies so the model learns words, not positions. The spans let the trainer tie each object's
+    words to its pixels (the grounding loss)."""
     order = list(rng.permutation(len(objects)))
-    parts: list[str] = []
+    parts: list[list[tuple[int, str]]] = []  # each part: (object index, phrase) pieces joined by relation words
     if relation is not None:
         a, rel, b = relation
-        parts.append(f"{object_phrase(objects[a], rng)} {rel} {object_phrase(objects[b], rng)}")
+        parts.append([(a, object_phrase(objects[a], rng)), (-1, rel), (b, object_phrase(objects[b], rng))])
         order = [i for i in order if i not in (a, b)]
         if rng.random() < 0.5:
-            parts = parts + [object_phrase(objects[i], rng) for i in order]
+            parts = parts + [[(i, object_phrase(objects[i], rng))] for i in order]
         else:
-            parts = [object_phrase(objects[i], rng) for i in order] + parts
+            parts = [[(i, object_phrase(objects[i], rng))] for i in order] + parts
     else:
-        parts = [object_phrase(objects[i], rng) for i in order]
-    if len(parts) == 1:
-        text = parts[0]
-    else:
-        text = ", ".join(parts[:-1]) + " and " + parts[-1]
+        parts = [[(i, object_phrase(objects[i], rng))] for i in order]
+    text, spans = "", [(0, 0)] * len(objects)
+    for k, part in enumerate(parts):
+        text += "" if k == 0 else (" and " if k == len(parts) - 1 else ", ")
+        for j, (index, words) in enumerate(part):
+            text += "" if j == 0 else " "
+            if index >= 0:
+                spans[index] = (len(text), len(text) + len(words))
+            text += words
     if rng.random() < 0.7:
         phrases = BACKGROUND_PHRASES[background]
         text += " " + phrases[rng.integers(len(phrases))]
     if rng.random() < 0.1:
         text = "a photo of " + text
-    return text
+        spans = [(start + 11, end + 11) for start, end in spans]
+    return text, tuple(spans)
 
 
 # ------------------------------------------------------------------------------------------ random scenes

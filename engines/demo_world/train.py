@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .grounding import AttentionRecorder, GroundingTargets, grounding_loss, grounding_targets
 from .scenes import SIZE, random_scene
 from .tokenizer import load_tokenizer, write_tokenizer
 
@@ -296,8 +297,22 @@ def _load_ckpt(path: Path, unet, te, ema_unet, ema_te, opt) -> int:
     return int(meta["step"])
 
 
+def load_grounding_targets(work: Path, n: int, tokenizer) -> GroundingTargets:
+    """Token positions and visible masks of every object of the first n training scenes (cached)."""
+    path = work / f"grounding_{n}.pt"
+    if path.exists():
+        return GroundingTargets(**torch.load(path))
+    log(f"grounding: collecting the objects of {n} scenes")
+    parts = [grounding_targets([random_scene(s) for s in range(start, min(n, start + 1000))], tokenizer)
+             for start in range(0, n, 1000)]
+    targets = GroundingTargets(torch.cat([t.positions for t in parts]), torch.cat([t.masks for t in parts]))
+    torch.save(dict(positions=targets.positions, masks=targets.masks), path)
+    return targets
+
+
 def train_unet(work: Path, out: Path, latents_path: Path, steps: int, batch: int, lr: float, minutes: float,
-               log_every: int, ckpt_every: int, export_every: int) -> None:
+               log_every: int, ckpt_every: int, export_every: int, ground_weight: float = 0.0,
+               ground_after: int = 0) -> None:
     from diffusers import DDPMScheduler
 
     torch.manual_seed(SEED)
@@ -322,6 +337,13 @@ def train_unet(work: Path, out: Path, latents_path: Path, steps: int, batch: int
     ids_all = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids  # [1, 77]
     log(f"{len(caps)} cached scenes, latent std {lat.std():.3f}")
+    recorder, targets = None, None
+    if ground_weight > 0:
+        targets = load_grounding_targets(work, len(caps), tokenizer)
+        recorder = AttentionRecorder()
+        unet.set_attn_processor(recorder)
+        log(f"grounding loss weight {ground_weight} from step {ground_after}")
+    ground_losses: list[float] = []
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KW.items() if k != "set_alpha_to_one"})
     abar = sched.alphas_cumprod.float()  # [1000]
     snr = abar / (1 - abar)
@@ -356,9 +378,16 @@ def train_unet(work: Path, out: Path, latents_path: Path, steps: int, batch: int
         s = (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
         cond = te(ids)[0]  # [B, 77, 128]
+        if recorder is not None:
+            recorder.maps.clear()
         pred = unet(xt, t, encoder_hidden_states=cond).sample
         loss_per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # [B]
         loss = (loss_per * weight[t]).mean()
+        if recorder is not None and step >= ground_after:
+            positions = targets.positions[idx].masked_fill(drop.view(-1, 1, 1), -1)
+            ground = grounding_loss(recorder.maps, positions, targets.masks[idx])
+            loss = loss + ground_weight * ground
+            ground_losses.append(ground.item())
         cur = lr * min(1.0, (step + 1) / warmup)
         if step >= warmup:
             cur = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
@@ -377,7 +406,8 @@ def train_unet(work: Path, out: Path, latents_path: Path, steps: int, batch: int
         losses.append(loss_per.mean().item())
         if step % log_every == 0:
             el = time.time() - t_start
-            log(f"step {step}/{steps} loss {np.mean(losses[-log_every:]):.4f} lr {cur:.2e} "
+            grounding = f" grounding {np.mean(ground_losses[-log_every:]):.4f}" if ground_losses else ""
+            log(f"step {step}/{steps} loss {np.mean(losses[-log_every:]):.4f}{grounding} lr {cur:.2e} "
                 f"{el / max(1, len(losses)):.2f}s/step")
         if step % ckpt_every == 0 or step == steps:
             _save_ckpt(ckpt, step, unet, te, ema_unet, ema_te, opt)
@@ -457,6 +487,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--export-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ground-weight", type=float, default=0.05,
+                    help="weight of the grounding loss that ties object words to object pixels (0 = off)")
+    ap.add_argument("--ground-after", type=int, default=0, help="first step that uses the grounding loss")
     ap.add_argument("--decoder-steps", type=int, default=1500, help="decoder sharpening steps (0 = skip)")
     ap.add_argument("--decoder-only", action="store_true", help="only run the decoder stage (needs the vae stage)")
     ap.add_argument("--bench", action="store_true", help="only measure seconds per step")
@@ -480,7 +513,8 @@ def main(argv=None) -> None:
     lp = cache_latents(work, a.scenes)
     if a.decoder_steps:
         finetune_decoder(work, a.decoder_steps)
-    train_unet(work, out, lp, a.steps, a.batch, a.lr, a.minutes, a.log_every, a.ckpt_every, a.export_every)
+    train_unet(work, out, lp, a.steps, a.batch, a.lr, a.minutes, a.log_every, a.ckpt_every, a.export_every,
+               a.ground_weight, a.ground_after)
 
 
 if __name__ == "__main__":
