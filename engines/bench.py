@@ -123,9 +123,10 @@ def layer_order(image, case: BenchCase) -> tuple[bool, ...]:
 
 
 def run_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20, cfg: float = 5.0,
-              modes: Sequence[str] = tuple(GUIDANCE_MODES), on_progress: Callable[[StepProgress], None] | None = None
-              ) -> dict:
-    """Generate every case under every guidance mode; return a JSON-able report with per-group metrics."""
+              modes: Sequence[str] = tuple(GUIDANCE_MODES), subjects: bool = True,
+              on_progress: Callable[[StepProgress], None] | None = None) -> dict:
+    """Generate every case under every guidance mode; return a JSON-able report with per-group metrics, and with
+    `subjects`, the identity of registered subjects (engines/bench_subjects.py) under "subjects"."""
     cases = bench_cases(12 if quick else 60)
     generator = Generator(bundle)
     report = {"model": bundle.spec.source, "family": bundle.family, "steps": steps, "cfg": cfg,
@@ -144,6 +145,10 @@ def run_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20, cfg: fl
             if on_progress is not None:
                 on_progress(StepProgress(done, total, time.perf_counter() - started))
         report["modes"][mode] = summarise(scores)
+    if subjects:
+        from engines.bench_subjects import run_subject_bench
+
+        report["subjects"] = run_subject_bench(bundle, quick=quick, steps=steps, cfg=cfg, on_progress=on_progress)
     return report
 
 

@@ -74,13 +74,14 @@ class Studio:
             residuals = self.library.residuals if class_words else None
             return Generator(bundle)(request, class_words, residuals, on_progress, cancel)
 
-    def bench(self, quick: bool = False, steps: int = 20, cfg: float = 5.0,
+    def bench(self, quick: bool = False, steps: int = 20, cfg: float = 5.0, subjects: bool = True,
               on_progress: ProgressCallback | None = None) -> dict:
         """The demo-world quality benchmark (engines/bench.py) on the loaded model: a JSON-able report."""
         from engines.bench import run_bench
 
         with self._gpu:
-            return run_bench(self.bundle, quick=quick, steps=steps, cfg=cfg, on_progress=on_progress)
+            return run_bench(self.bundle, quick=quick, steps=steps, cfg=cfg, subjects=subjects,
+                             on_progress=on_progress)
 
     def read_request(self, png_path: str | Path) -> GenerateRequest:
         from engines.metadata import read_request

@@ -22,6 +22,8 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="12 layouts instead of 60")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--no-subjects", action="store_true",
+                        help="skip the subject identity part (it registers 1-2 subjects first)")
     parser.add_argument("--json", default=None, help="also write the full report here")
     parser.set_defaults(func=run)
 
@@ -38,6 +40,15 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def subjects_table(report: dict) -> str:
+    lines = ["| prompt names | compositions | subject IoU | presence | identity (pattern + 2nd colour) | s/image |",
+             "|---|---|---|---|---|---|"]
+    for row, metrics in report["rows"].items():
+        lines.append(f"| {row} | {metrics['compositions']} | {metrics['subject_iou']:.2f} | {metrics['presence']:.2f} "
+                     f"| {metrics['identity']:.2f} | {metrics['seconds_per_image']:.2f} |")
+    return "\n".join(lines)
+
+
 def print_progress(progress: StepProgress) -> None:
     end = "\n" if progress.step == progress.total else "\r"
     print(f"image {progress.step}/{progress.total}  eta {progress.eta:5.0f}s", end=end, file=sys.stderr, flush=True)
@@ -47,10 +58,15 @@ def run(args: argparse.Namespace) -> int:
     from engines.service import Studio
 
     report = Studio(model_spec(args)).bench(quick=args.quick, steps=args.steps, cfg=args.cfg,
-                                            on_progress=print_progress)
+                                            subjects=not args.no_subjects, on_progress=print_progress)
     print(f"model {report['model']} ({report['family']}), {report['cases']} layouts, "
           f"{report['steps']} steps, CFG {report['cfg']}")
     print(markdown_table(report))
+    if "subjects" in report:
+        subjects = report["subjects"]
+        print(f"\nsubjects {', '.join(subjects['subjects'])}: registered from {subjects['photos']} photos each "
+              f"({subjects['preset']} preset, {subjects['registration_seconds']:.0f} s each), Troupe guidance")
+        print(subjects_table(subjects))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -1,0 +1,145 @@
+"""Subject identity on the demo world: does a subject registered from 5 photos keep its look in new compositions?
+
+Each bench subject is a patterned object ("a blue ball with yellow stripes") that the plain class word does not
+produce by itself. It is registered from 5 demo photos (engines/register.py, Cones 2 Eq. 3-5), then composed next
+to another object in seeded layouts with Troupe's default guidance. Scored by the detector in the subject's box:
+- subject IoU / presence: a detection of the subject's colour and category, as in the layout bench;
+- identity: that detection also shows the subject's pattern in its second colour (pattern and colour match
+  against the photos).
+The same layouts with the class word in place of the subject ("a ball next to ...") are the baseline: their
+identity score is how often the model draws the subject's look by chance.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from engines.demo_world.detector import box_iou, detect
+from engines.demo_world.scenes import BACKGROUNDS, CATEGORIES, COLOURS, ObjectSpec, subject_photos
+from engines.generate import Generator
+from engines.library import SubjectLibrary
+from engines.models import ModelBundle
+from engines.register import register_subject
+from engines.types import GenerateRequest, Layout, Region, RegisterRequest, StepProgress
+
+BENCH_SUBJECTS: tuple[tuple[str, ObjectSpec], ...] = (
+    ("stripy", ObjectSpec("ball", "blue", "striped", "yellow")),
+    ("dotty", ObjectSpec("box", "orange", "dotted", "cyan")),
+)
+PHOTOS_PER_SUBJECT = 5
+BACKGROUND_WORDS = {"grass": "on grass", "sky": "in the sky", "sand": "on sand", "night": "at night"}
+
+
+@dataclass(frozen=True)
+class Composition:
+    subject: str
+    spec: ObjectSpec
+    layout: Layout  # region 0 is the subject
+    companion: str  # e.g. "purple tent"
+    background: str
+    seed: int
+
+    def prompt(self, subject_words: str) -> str:
+        return f"{subject_words} next to a {self.companion} {BACKGROUND_WORDS[self.background]}"
+
+
+def compositions(name: str, spec: ObjectSpec, count: int, seed: int = 0) -> list[Composition]:
+    """Seeded side-by-side layouts: the subject in one half, another object of an unrelated colour in the other."""
+    rng = np.random.default_rng([seed, 4242])
+    colours = [c for c in COLOURS if c not in (spec.colour, spec.colour2)]
+    categories = [c for c in CATEGORIES if c != spec.category]
+    out = []
+    for i in range(count):
+        size = float(rng.uniform(0.36, 0.46))
+        left = (float(rng.uniform(0.04, 0.5 - size)), float(rng.uniform(0.1, 0.9 - size)))
+        right = (float(rng.uniform(0.5, 0.96 - size)), float(rng.uniform(0.1, 0.9 - size)))
+        subject_at, companion_at = (left, right) if i % 2 == 0 else (right, left)
+        companion = f"{colours[rng.integers(len(colours))]} {categories[rng.integers(len(categories))]}"
+        regions = (Region("", _box(subject_at, size), subject=name), Region(companion, _box(companion_at, size)))
+        out.append(Composition(name, spec, Layout(regions), companion, list(BACKGROUNDS)[i % len(BACKGROUNDS)],
+                               seed=7_000_000 + 100 * i + int(rng.integers(100))))
+    return out
+
+
+def _box(corner: tuple[float, float], size: float) -> tuple[float, float, float, float]:
+    return (corner[0], corner[1], corner[0] + size, corner[1] + size)
+
+
+@dataclass(frozen=True)
+class IdentityScore:
+    iou: float
+    present: bool  # the subject's colour and category
+    identity: bool  # ... and its pattern in its second colour
+    seconds: float
+
+
+def score_identity(image, composition: Composition, seconds: float) -> IdentityScore:
+    spec, box = composition.spec, composition.layout.regions[0].box
+    candidates = [d for d in detect(image) if d.colour == spec.colour and d.category == spec.category]
+    best = max(candidates, key=lambda d: box_iou(box, d.box), default=None)
+    if best is None:
+        return IdentityScore(0.0, False, False, seconds)
+    looks_right = best.pattern == spec.pattern and best.colour2 == spec.colour2
+    return IdentityScore(box_iou(box, best.box), True, looks_right, seconds)
+
+
+def run_subject_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20, cfg: float = 5.0,
+                      preset: str = "quick", on_progress: Callable[[StepProgress], None] | None = None) -> dict:
+    """Register each bench subject, compose it with and without its Δ; a JSON-able report."""
+    subjects = BENCH_SUBJECTS[:1] if quick else BENCH_SUBJECTS
+    per_subject = 4 if quick else 12
+    generator = Generator(bundle)
+    rows: dict[str, list[IdentityScore]] = {"registered subject": [], "class word only": []}
+    registration_seconds = []
+    with tempfile.TemporaryDirectory(prefix="troupe-bench-") as folder:
+        library = SubjectLibrary(Path(folder) / "library")
+        total, done, started = len(subjects) * per_subject * 2, 0, time.perf_counter()
+        for name, spec in subjects:
+            began = time.perf_counter()
+            photos = _write_photos(spec, Path(folder) / name)
+            register_subject(bundle, RegisterRequest(name, spec.category, photos, preset=preset), library)
+            registration_seconds.append(time.perf_counter() - began)
+            for composition in compositions(name, spec, per_subject):
+                for row, words, region in (
+                        ("registered subject", f"<{name}>", composition.layout.regions[0]),
+                        ("class word only", f"a {spec.category}", Region(spec.category,
+                                                                         composition.layout.regions[0].box))):
+                    layout = Layout((region,) + composition.layout.regions[1:])
+                    request = GenerateRequest(composition.prompt(words), layout=layout, seed=composition.seed,
+                                              steps=steps, cfg=cfg)
+                    result = generator(request, {name: spec.category}, library.residuals)
+                    rows[row].append(score_identity(np.asarray(result.images[0]), composition,
+                                                    result.timings["total"]))
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(StepProgress(done, total, time.perf_counter() - started))
+    return {"preset": preset, "photos": PHOTOS_PER_SUBJECT, "subjects": [n for n, _ in subjects],
+            "registration_seconds": round(statistics.fmean(registration_seconds), 1),
+            "rows": {row: _identity_metrics(scores) for row, scores in rows.items()}}
+
+
+def _write_photos(spec: ObjectSpec, folder: Path) -> tuple[str, ...]:
+    folder.mkdir(parents=True)
+    paths = []
+    for i, scene in enumerate(subject_photos(spec, PHOTOS_PER_SUBJECT)):
+        paths.append(str(folder / f"photo{i}.png"))
+        Image.fromarray(scene.image).save(paths[-1])
+    return tuple(paths)
+
+
+def _identity_metrics(scores: list[IdentityScore]) -> dict:
+    return {
+        "compositions": len(scores),
+        "subject_iou": round(statistics.fmean(s.iou for s in scores), 3),
+        "presence": round(statistics.fmean(s.present for s in scores), 3),
+        "identity": round(statistics.fmean(s.identity for s in scores), 3),
+        "seconds_per_image": round(statistics.fmean(s.seconds for s in scores), 3),
+    }
