@@ -128,8 +128,15 @@ class Studio:
     def delete_subject(self, name: str) -> None:
         self.library.delete(name)
 
-    def export_subject(self, name: str, dest: str | Path) -> Path:
-        return self.library.export(name, Path(dest))
+    def export_subject(self, name: str, dest: str | Path, include_photos: bool = True) -> Path:
+        return self.library.export(name, Path(dest), include_photos=include_photos)
 
     def import_subject(self, path: str | Path, name: str | None = None) -> SubjectInfo:
         return self.library.import_file(Path(path), name)
+
+    def push_subject(self, name: str, repo_id: str, token: str | None = None) -> str:
+        return self.library.push(name, repo_id, token=token)
+
+    def pull_subject(self, repo_id: str, filename: str, name: str | None = None, token: str | None = None
+                     ) -> SubjectInfo:
+        return self.library.pull(repo_id, filename, name=name, token=token)

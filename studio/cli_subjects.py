@@ -141,7 +141,7 @@ def run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     studio = _studio(args)
-    path = studio.library.export(args.name, Path(args.dest), include_photos=not args.no_photos)
+    path = studio.export_subject(args.name, Path(args.dest), include_photos=not args.no_photos)
     print(path)
     return 0
 
@@ -153,12 +153,12 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    path = _studio(args).library.push(args.name, args.repo_id, token=args.token)
+    path = _studio(args).push_subject(args.name, args.repo_id, token=args.token)
     print(f"uploaded {args.name} to {args.repo_id}/{path}")
     return 0
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    info = _studio(args).library.pull(args.repo_id, args.filename, name=args.name, token=args.token)
+    info = _studio(args).pull_subject(args.repo_id, args.filename, name=args.name, token=args.token)
     print(f"pulled <{info.name}> ({info.class_word}, {info.family})")
     return 0
