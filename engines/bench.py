@@ -71,18 +71,18 @@ def case_from_scene(scene: Scene, seed: int) -> BenchCase:
     phrases = [f"{o.colour} {o.category}" for o in objects]
     if scene.relation is not None:
         a, relation, b = scene.relation
-        rest = [_article(phrases[i]) for i in range(len(objects)) if i not in (a, b)]
-        words = [f"{_article(phrases[a])} {relation} {_article(phrases[b])}"] + rest
+        rest = [with_article(phrases[i]) for i in range(len(objects)) if i not in (a, b)]
+        words = [f"{with_article(phrases[a])} {relation} {with_article(phrases[b])}"] + rest
     else:
         order = np.random.default_rng(seed).permutation(len(objects))
-        words = [_article(phrases[i]) for i in order]
+        words = [with_article(phrases[i]) for i in order]
     prompt = (", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]) + f" on {scene.background}"
     regions = tuple(Region(phrase, o.box, layer=o.layer) for phrase, o in zip(phrases, objects))
     return BenchCase(prompt.replace("on night", "at night").replace("on sky", "in the sky"), Layout(regions),
                      tuple(o.colour for o in objects), tuple(o.category for o in objects), seed)
 
 
-def _article(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -133,23 +133,42 @@ def run_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20, cfg: fl
               "cases": len(cases), "modes": {}}
     # The scorer's ceiling: the scenes the layouts came from, rendered exactly (occlusion hides some shapes).
     report["modes"]["ground truth"] = summarise([score(random_scene(c.seed).image, c, 0.0) for c in cases])
-    started, total, done = time.perf_counter(), len(cases) * len(modes), 0
+    progress = ImageCounter(len(cases) * len(modes), on_progress)
     for mode in modes:
-        scores = []
-        for case in cases:
-            request = GenerateRequest(case.prompt, layout=case.layout, seed=case.seed, steps=steps, cfg=cfg,
-                                      guidance=GUIDANCE_MODES[mode]())
-            result = generator(request)
-            scores.append(score(np.asarray(result.images[0]), case, result.timings["total"]))
-            done += 1
-            if on_progress is not None:
-                on_progress(StepProgress(done, total, time.perf_counter() - started))
-        report["modes"][mode] = summarise(scores)
+        report["modes"][mode] = summarise(score_guidance(generator, cases, GUIDANCE_MODES[mode](), steps, cfg,
+                                                         progress))
     if subjects:
         from engines.bench_subjects import run_subject_bench
 
         report["subjects"] = run_subject_bench(bundle, quick=quick, steps=steps, cfg=cfg, on_progress=on_progress)
     return report
+
+
+def score_guidance(generator: Generator, cases: Sequence[BenchCase], guidance: GuidanceConfig, steps: int,
+                   cfg: float, progress: ImageCounter | None = None) -> list[CaseScore]:
+    """Generate every case with `guidance` and score it."""
+    scores = []
+    for case in cases:
+        request = GenerateRequest(case.prompt, layout=case.layout, seed=case.seed, steps=steps, cfg=cfg,
+                                  guidance=guidance)
+        result = generator(request)
+        scores.append(score(np.asarray(result.images[0]), case, result.timings["total"]))
+        if progress is not None:
+            progress.advance()
+    return scores
+
+
+class ImageCounter:
+    """Counts finished images across modes and reports them as StepProgress."""
+
+    def __init__(self, total: int, on_progress: Callable[[StepProgress], None] | None) -> None:
+        self.total, self.done, self.on_progress = total, 0, on_progress
+        self.started = time.perf_counter()
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.on_progress is not None:
+            self.on_progress(StepProgress(self.done, self.total, time.perf_counter() - self.started))
 
 
 def summarise(scores: Sequence[CaseScore]) -> dict:

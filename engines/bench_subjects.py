@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from engines.bench import ImageCounter, with_article
 from engines.demo_world.detector import box_iou, detect
 from engines.demo_world.scenes import BACKGROUNDS, CATEGORIES, COLOURS, ObjectSpec, subject_photos
 from engines.generate import Generator
@@ -48,7 +49,9 @@ class Composition:
     seed: int
 
     def prompt(self, subject_words: str) -> str:
-        return f"{subject_words} next to a {self.companion} {BACKGROUND_WORDS[self.background]}"
+        """e.g. "a <stripy> next to an orange ring on grass" (subject_words "<stripy>" or "ball")."""
+        return (f"{with_article(subject_words)} next to {with_article(self.companion)} "
+                f"{BACKGROUND_WORDS[self.background]}")
 
 
 def compositions(name: str, spec: ObjectSpec, count: int, seed: int = 0) -> list[Composition]:
@@ -101,7 +104,7 @@ def run_subject_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20,
     registration_seconds = []
     with tempfile.TemporaryDirectory(prefix="troupe-bench-") as folder:
         library = SubjectLibrary(Path(folder) / "library")
-        total, done, started = len(subjects) * per_subject * 2, 0, time.perf_counter()
+        counter = ImageCounter(len(subjects) * per_subject * 2, on_progress)
         for name, spec in subjects:
             began = time.perf_counter()
             photos = _write_photos(spec, Path(folder) / name)
@@ -110,7 +113,7 @@ def run_subject_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20,
             for composition in compositions(name, spec, per_subject):
                 for row, words, region in (
                         ("registered subject", f"<{name}>", composition.layout.regions[0]),
-                        ("class word only", f"a {spec.category}", Region(spec.category,
+                        ("class word only", spec.category, Region(spec.category,
                                                                          composition.layout.regions[0].box))):
                     layout = Layout((region,) + composition.layout.regions[1:])
                     request = GenerateRequest(composition.prompt(words), layout=layout, seed=composition.seed,
@@ -118,9 +121,7 @@ def run_subject_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20,
                     result = generator(request, {name: spec.category}, library.residuals)
                     rows[row].append(score_identity(np.asarray(result.images[0]), composition,
                                                     result.timings["total"]))
-                    done += 1
-                    if on_progress is not None:
-                        on_progress(StepProgress(done, total, time.perf_counter() - started))
+                    counter.advance()
     return {"preset": preset, "photos": PHOTOS_PER_SUBJECT, "subjects": [n for n, _ in subjects],
             "registration_seconds": round(statistics.fmean(registration_seconds), 1),
             "rows": {row: _identity_metrics(scores) for row, scores in rows.items()}}

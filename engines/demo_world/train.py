@@ -9,7 +9,8 @@ Stages (each resumable; state lives in --work, default .cache/demo_train/):
   3. latents    — the training scenes encoded once (posterior mean), cached as float16
   4. unet       — UNet2DConditionModel + CLIPTextModel trained jointly from scratch: epsilon prediction,
                   min-SNR-5 loss weighting, AdamW with warmup + cosine decay, 10% empty captions (for CFG),
-                  EMA weights; checkpoints every --ckpt-every steps, exports (EMA, fp16 safetensors) to --out
+                  plus the grounding loss (grounding.py) that makes each object's words outline its pixels in
+                  cross-attention, which is what lets layout guidance steer the model; EMA weights; checkpoints every --ckpt-every steps, exports (EMA, fp16 safetensors) to --out
                   every --export-every steps so there is always a usable model.
 """
 from __future__ import annotations
