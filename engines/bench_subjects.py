@@ -111,13 +111,8 @@ def run_subject_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20,
             register_subject(bundle, RegisterRequest(name, spec.category, photos, preset=preset), library)
             registration_seconds.append(time.perf_counter() - began)
             for composition in compositions(name, spec, per_subject):
-                for row, words, region in (
-                        ("registered subject", f"<{name}>", composition.layout.regions[0]),
-                        ("class word only", spec.category, Region(spec.category,
-                                                                         composition.layout.regions[0].box))):
-                    layout = Layout((region,) + composition.layout.regions[1:])
-                    request = GenerateRequest(composition.prompt(words), layout=layout, seed=composition.seed,
-                                              steps=steps, cfg=cfg)
+                for row, (prompt, layout) in _variants(composition).items():
+                    request = GenerateRequest(prompt, layout=layout, seed=composition.seed, steps=steps, cfg=cfg)
                     result = generator(request, {name: spec.category}, library.residuals)
                     rows[row].append(score_identity(np.asarray(result.images[0]), composition,
                                                     result.timings["total"]))
@@ -125,6 +120,14 @@ def run_subject_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20,
     return {"preset": preset, "photos": PHOTOS_PER_SUBJECT, "subjects": [n for n, _ in subjects],
             "registration_seconds": round(statistics.fmean(registration_seconds), 1),
             "rows": {row: _identity_metrics(scores) for row, scores in rows.items()}}
+
+
+def _variants(composition: Composition) -> dict[str, tuple[str, Layout]]:
+    """The composition's prompt and layout naming the registered subject, and naming only its class word."""
+    subject_region, *rest = composition.layout.regions
+    class_region = Region(composition.spec.category, subject_region.box)
+    return {"registered subject": (composition.prompt(f"<{composition.subject}>"), composition.layout),
+            "class word only": (composition.prompt(composition.spec.category), Layout((class_region, *rest)))}
 
 
 def _write_photos(spec: ObjectSpec, folder: Path) -> tuple[str, ...]:

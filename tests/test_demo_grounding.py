@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.demo_world.grounding import (AttentionRecorder, content_word_positions, grounding_loss,
-                                          grounding_targets)
+from engines.demo_world.grounding import AttentionRecorder, content_word_positions, grounding_loss, grounding_targets
 from engines.demo_world.scenes import random_scene
 from engines.demo_world.tokenizer import load_tokenizer, write_tokenizer
 

@@ -18,7 +18,6 @@ Known limit: two same-coloured objects closer than ~4 px merge into one detectio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -40,7 +39,7 @@ class Detection:
     box: tuple[float, float, float, float]  # (x0, y0, x1, y1) in [0, 1] of the canvas, of the visible pixels
     mask: np.ndarray  # [H, W] bool
     pattern: str  # "plain" | "striped" | "dotted" (a guess)
-    colour2: Optional[str]
+    colour2: str | None
     area: int  # pixels
 
 
@@ -140,7 +139,7 @@ def detect(image, tol: float = 60.0, min_area: int = 12, pattern_frac: float = 0
             cands.append((c, region, second, own))
     # each candidate's object mask: its main colour plus its pattern colour (grown a few px past the rim)
     masks = []
-    for c, region, second, own in cands:
+    for c, region, second, _own in cands:
         if second is None:
             masks.append((region & (lab == c), np.zeros_like(region)))
             continue
@@ -193,7 +192,7 @@ def evaluable(o, objects, min_visible: float = 0.95, gap: int = 5) -> bool:
     return True
 
 
-def match(dets: list[Detection], objects, min_visible: float = 0.95) -> list[tuple[object, Optional[Detection], float]]:
+def match(dets: list[Detection], objects, min_visible: float = 0.95) -> list[tuple[object, Detection | None, float]]:
     """Greedy match of the evaluable ground-truth objects (see `evaluable`) to detections by box IoU.
     Returns (object, detection or None, iou) per evaluated object."""
     out, used = [], set()

@@ -7,8 +7,8 @@ ones. Every scene knows each object's box (x0, y0, x1, y1) in [0, 1] of the canv
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class ObjectSpec:
     category: str
     colour: str
     pattern: str = "plain"
-    colour2: Optional[str] = None  # the pattern's second colour; None for plain
+    colour2: str | None = None  # the pattern's second colour; None for plain
     cx: float = 32.0
     cy: float = 32.0
     size: float = 24.0
@@ -77,7 +77,7 @@ class SceneObject:
     category: str
     colour: str
     pattern: str
-    colour2: Optional[str]
+    colour2: str | None
     box: tuple[float, float, float, float]  # (x0, y0, x1, y1) in [0, 1] of the whole (unoccluded) shape
     mask: np.ndarray  # [64, 64] bool, the pixels visible after occlusion
     layer: int  # 0 = back
@@ -94,7 +94,7 @@ class Scene:
     caption: str
     background: str
     objects: tuple[SceneObject, ...]  # in layer order, back to front
-    relation: Optional[tuple[int, str, int]] = None  # (layer of A, relation, layer of B): "A <relation> B"
+    relation: tuple[int, str, int] | None = None  # (layer of A, relation, layer of B): "A <relation> B"
     phrase_spans: tuple[tuple[int, int], ...] = ()  # each object's words in `caption`: (start, end) characters
 
 
@@ -154,8 +154,8 @@ def render_scene(
     specs: Sequence[ObjectSpec],
     background: str = "grass",
     seed: int = 0,
-    caption: Optional[str] = None,
-    relation: Optional[tuple[int, str, int]] = None,
+    caption: str | None = None,
+    relation: tuple[int, str, int] | None = None,
     noise: bool = True,
 ) -> Scene:
     """Draw `specs` back to front (specs[0] is the back) on `background`. Used for training scenes and for
@@ -212,7 +212,7 @@ def describe(
     objects: Sequence[SceneObject],
     background: str,
     rng: np.random.Generator,
-    relation: Optional[tuple[int, str, int]] = None,
+    relation: tuple[int, str, int] | None = None,
 ) -> tuple[str, tuple[tuple[int, int], ...]]:
     """A caption from templates, and each object's (start, end) characters in it (in layer order).
 
@@ -350,7 +350,7 @@ def subject_photos(spec: ObjectSpec, n: int, seed: int = 0) -> list[Scene]:
     """The same (patterned) object alone on various backgrounds, positions and sizes: "photos of a subject"."""
     rng = np.random.default_rng([seed, 77])
     out = []
-    for i in range(n):
+    for _ in range(n):
         size = float(rng.uniform(24, MAX_SIZE))
         cx, cy = _place(rng, size)
         bg = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
