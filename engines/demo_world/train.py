@@ -300,14 +300,16 @@ def _load_ckpt(path: Path, unet, te, ema_unet, ema_te, opt) -> int:
 
 def load_grounding_targets(work: Path, n: int, tokenizer) -> GroundingTargets:
     """Token positions and visible masks of every object of the first n training scenes (cached)."""
-    path = work / f"grounding_{n}.pt"
+    from safetensors.torch import load_file, save_file
+
+    path = work / f"grounding_{n}.safetensors"
     if path.exists():
-        return GroundingTargets(**torch.load(path))
+        return GroundingTargets(**load_file(str(path)))
     log(f"grounding: collecting the objects of {n} scenes")
     parts = [grounding_targets([random_scene(s) for s in range(start, min(n, start + 1000))], tokenizer)
              for start in range(0, n, 1000)]
     targets = GroundingTargets(torch.cat([t.positions for t in parts]), torch.cat([t.masks for t in parts]))
-    torch.save(dict(positions=targets.positions, masks=targets.masks), path)
+    save_file(dict(positions=targets.positions, masks=targets.masks), str(path))
     return targets
 
 
