@@ -98,6 +98,16 @@ def scene_images(start: int, n: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ stages
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float) -> None:
+    """One AdamW step at learning rate `lr`, gradients clipped to norm 1 (every stage trains this way)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def train_vae(work: Path, steps: int, batch: int = 16, lr: float = 2e-3) -> None:
     out = work / "vae"
     if (out / "config.json").exists():
@@ -120,12 +130,7 @@ def train_vae(work: Path, steps: int, batch: int = 16, lr: float = 2e-3) -> None
         kl = post.kl().mean() / (4 * 8 * 8)
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-5 * kl
         cur = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        for gp in opt.param_groups:
-            gp["lr"] = cur
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, vae.parameters(), cur)
         if (step + 1) % 25 == 0:
             log(f"vae step {step + 1}/{steps} loss {loss.item():.4f} l1 {F.l1_loss(rec, x).item():.4f} "
                 f"kl {kl.item():.3f} {(time.time() - t0) / (step + 1):.2f}s/step")
@@ -179,12 +184,7 @@ def finetune_decoder(work: Path, steps: int, batch: int = 16, lr: float = 1e-3) 
         gy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + F.l1_loss(gx(rec), gx(x)) + F.l1_loss(gy(rec), gy(x))
         cur = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        for gp in opt.param_groups:
-            gp["lr"] = cur
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(train_params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, train_params, cur)
         if (step + 1) % 50 == 0:
             log(f"decoder step {step + 1}/{steps} loss {loss.item():.4f} l1 {F.l1_loss(rec, x).item():.4f} "
                 f"{(time.time() - t0) / (step + 1):.2f}s/step")
@@ -394,12 +394,7 @@ def train_unet(work: Path, out: Path, latents_path: Path, steps: int, batch: int
         cur = lr * min(1.0, (step + 1) / warmup)
         if step >= warmup:
             cur = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
-        for gp in opt.param_groups:
-            gp["lr"] = cur
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, cur)
         step += 1
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
