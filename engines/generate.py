@@ -161,7 +161,9 @@ class Generator:
             unet.set_attn_processor(previous)
 
     def _step_callback(self, request: GenerateRequest, state, on_progress, cancel, started: float):
-        every = max(1, request.steps // 10)  # a preview costs little, but ten per run are plenty
+        # A linear preview costs nothing, and ten per run are plenty; a VAE-decoded one (the demo model) costs
+        # about a tenth of a 64x64 run's denoising on a CPU, so it shows four.
+        every = max(1, request.steps // (10 if self.bundle.family in PREVIEW_FACTORS else 4))
 
         def callback(pipe, step: int, timestep, tensors: dict) -> dict:
             if cancel is not None and cancel.is_set():
