@@ -8,7 +8,14 @@ import pytest
 
 from engines.demo_world.detector import detect, detect_background, match
 from engines.demo_world.scenes import (
-    BACKGROUNDS, CATEGORIES, COLOURS, ObjectSpec, random_scene, render_scene, shape_mask, subject_photos,
+    BACKGROUNDS,
+    CATEGORIES,
+    COLOURS,
+    ObjectSpec,
+    random_scene,
+    render_scene,
+    shape_mask,
+    subject_photos,
 )
 from engines.demo_world.tokenizer import world_words, write_tokenizer
 
@@ -121,3 +128,32 @@ def test_demo_model_loads_offline_and_generates():
     img = pipe("a red ball on grass", num_inference_steps=4, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert img.shape == (64, 64, 3) and np.isfinite(img).all()
+
+
+@pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason="assets/demo_model not built")
+def test_demo_model_draws_what_captions_ask_patterns_included():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(MODEL), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    asked = {  # caption: (colour, category, pattern, second colour)
+        "a red ball on grass": ("red", "ball", "plain", None),
+        "a blue box on sand": ("blue", "box", "plain", None),
+        "a yellow star in the sky": ("yellow", "star", "plain", None),
+        "a purple tent at night": ("purple", "tent", "plain", None),
+        "a cyan ring on grass": ("cyan", "ring", "plain", None),
+        "an orange ball with cyan stripes on sand": ("orange", "ball", "striped", "cyan"),
+        "a blue box with yellow dots on grass": ("blue", "box", "dotted", "yellow"),
+        "a red star with blue stripes at night": ("red", "star", "striped", "blue"),
+    }
+    images = pipe(list(asked), num_inference_steps=20, guidance_scale=5.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    drawn = [{(d.colour, d.category, d.pattern, d.colour2) for d in detect((image * 255).round().astype(np.uint8))}
+             for image in images]
+    kinds = [{look[:2] for look in looks} for looks in drawn]
+    assert sum(want[:2] in got for want, got in zip(asked.values(), kinds)) >= 7
+    patterned = [(want, got) for want, got in zip(asked.values(), drawn) if want[2] != "plain"]
+    assert sum(want in got for want, got in patterned) >= 2

@@ -18,8 +18,14 @@ from PIL import Image, ImageDraw
 
 from engines.library import SubjectLibrary
 from engines.models import ModelBundle, text_encoder_fingerprint
-from engines.register import (PRESETS, class_token_ids, load_sentence_templates, register_subject, sentence_bank,
-                              split_bank)
+from engines.register import (
+    PRESETS,
+    class_token_ids,
+    load_sentence_templates,
+    register_subject,
+    sentence_bank,
+    split_bank,
+)
 from engines.types import Cancelled, InputError, ModelSpec, RegisterRequest
 from tests.tiny_models import tiny_sd15, tiny_sdxl
 
