@@ -157,3 +157,13 @@ def test_demo_model_draws_what_captions_ask_patterns_included():
     assert sum(want[:2] in got for want, got in zip(asked.values(), kinds)) >= 7
     patterned = [(want, got) for want, got in zip(asked.values(), drawn) if want[2] != "plain"]
     assert sum(want in got for want, got in patterned) >= 2
+
+
+def test_trainer_refuses_to_resume_another_recipe(tmp_path):
+    from engines.demo_world.train import check_recipe
+
+    recipe = dict(scenes=200_000, steps=11_000, batch=512)
+    check_recipe(tmp_path, recipe)
+    check_recipe(tmp_path, recipe)  # the same recipe resumes
+    with pytest.raises(SystemExit, match="steps: 11000 -> 12000"):
+        check_recipe(tmp_path, dict(recipe, steps=12_000))

@@ -5,7 +5,7 @@
 The defaults are the recipe of the shipped model, sized for one GPU: 23 minutes on an H100 (4.5 for the VAE, the
 latents and the grounding targets, 18 for the UNet at 0.097 s/step). On a CPU pass fewer --scenes / --steps / a
 smaller --batch. Every stage resumes from --work: a run cut short (--minutes, SIGTERM) continues where it stopped,
-on the same learning-rate plan.
+on the same learning-rate plan. The work folder records its recipe, and a run with another recipe is refused.
 
 Stages (each resumable; state lives in --work, default .cache/demo_train/):
   1. tokenizer  — CLIP BPE vocab of the world's words + every printable ASCII char (tokenizer.py)
@@ -525,6 +525,25 @@ def bench(work: Path, batch: int, device: torch.device, n: int = 20) -> None:
         log(f"{name}: {(time.time() - t0) / n:.4f} s")
 
 
+RECIPE_ARGS = ("vae_steps", "vae_batch", "decoder_steps", "scenes", "steps", "batch", "lr", "ground_weight",
+               "ground_after")
+
+
+def check_recipe(work: Path, recipe: dict) -> None:
+    """Every stage resumes from `work`, so a run must not continue another recipe's state (another VAE's latents,
+    another schedule's checkpoint): the first run records its recipe, later runs must match it."""
+    path = work / "recipe.json"
+    recipe = dict(recipe, vae_channels=list(make_vae().config.block_out_channels))
+    if not path.exists():
+        path.write_text(json.dumps(recipe, indent=2))
+        return
+    recorded = json.loads(path.read_text())
+    changed = [f"{k}: {recorded.get(k)} -> {v}" for k, v in recipe.items() if recorded.get(k) != v]
+    if changed:
+        raise SystemExit(f"{work} holds the state of another recipe ({'; '.join(changed)}). "
+                         f"Pass another --work, or delete {work} to start over.")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -570,6 +589,7 @@ def main(argv=None) -> None:
     if a.export_only:
         export_only(work, out)
         return
+    check_recipe(work, {k: v for k, v in vars(a).items() if k in RECIPE_ARGS})
     train_vae(work, a.vae_steps, a.vae_batch, device)
     latents_path = cache_latents(work, a.scenes, device)
     if a.decoder_steps:
