@@ -140,8 +140,10 @@ def grabcut_mask(image: Image.Image, iterations: int = 4) -> np.ndarray:
     return np.asarray(Image.fromarray((fg * 255).astype(np.uint8)).resize((width, height), Image.NEAREST)) / 255.0
 
 
-def subject_square(fg: np.ndarray, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
-    """A square (x0, y0, x1, y1) inside the image around the foreground's box, as big as the image allows."""
+def subject_square(fg: np.ndarray, native: int, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+    """A square (x0, y0, x1, y1) inside the image around the foreground's box, as big as the image allows and no
+    smaller than the model's native side where the image has one: an upscaled crop would teach the subject blurred
+    and larger than life (a 30-px object in a 64-px photo would become a 64-px one with stripes twice as wide)."""
     height, width = fg.shape
     ys, xs = np.nonzero(fg > 0.5)
     if len(xs) == 0:
@@ -149,7 +151,7 @@ def subject_square(fg: np.ndarray, margin: float = CROP_MARGIN) -> tuple[int, in
     else:
         x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-    side = int(min(max(side, MIN_SIDE), width, height))
+    side = int(min(max(side, MIN_SIDE, native), width, height))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     left = int(round(min(max(cx - side / 2, 0), width - side)))
     top = int(round(min(max(cy - side / 2, 0), height - side)))
@@ -162,7 +164,7 @@ def prepare_photo(path: str | Path, size: int, segmenter: OnnxSegmenter | None =
         fg = alpha
     else:
         fg = segmenter(image) if segmenter is not None else grabcut_mask(image)  # (H, W) in [0, 1]
-    box = subject_square(fg)
+    box = subject_square(fg, size)
     photo = image.crop(box).resize((size, size), Image.LANCZOS)
     mask_full = Image.fromarray((fg * 255).clip(0, 255).astype(np.uint8))
     mask = mask_full.crop(box).resize((size, size), Image.BILINEAR)
