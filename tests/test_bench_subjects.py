@@ -2,8 +2,11 @@
 
 from dataclasses import replace
 
-from engines.bench_subjects import BENCH_SUBJECTS, compositions, score_identity
+import pytest
+
+from engines.bench_subjects import BENCH_SUBJECTS, compositions, run_subject_bench, score_identity
 from engines.demo_world.scenes import SIZE, render_scene
+from engines.models import DEMO_MODEL_DIR
 
 
 def _render(composition, spec):
@@ -30,3 +33,15 @@ def test_identity_needs_the_pattern_and_its_second_colour():
         assert exact.present and exact.identity and exact.iou > 0.8
         plain = score_identity(_render(composition, replace(spec, pattern="plain", colour2=None)), composition, 0.0)
         assert plain.present and not plain.identity
+
+
+@pytest.mark.skipif(not (DEMO_MODEL_DIR / "model_index.json").exists(), reason="the demo model is not built")
+def test_a_subject_registered_on_the_demo_model_keeps_its_pattern():
+    """5 photos of a blue ball with yellow stripes, the quick preset, then 4 new compositions."""
+    from engines.models import load_model
+    from engines.types import ModelSpec
+
+    report = run_subject_bench(load_model(ModelSpec("demo")), quick=True)
+    registered, plain = report["rows"]["registered subject"], report["rows"]["class word only"]
+    assert registered["identity"] >= 0.5  # its colour, category, stripes and their colour
+    assert plain["identity"] == 0.0  # the class word alone never draws them
