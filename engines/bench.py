@@ -5,6 +5,9 @@ category and layer is known exactly. Each layout is generated with no guidance, 
 and with Troupe's default, on the same seeds, and scored like MS-CustomNet's YOLO-L / YOLO-Subj:
 - layout IoU: requested box vs the detected box of the object of that colour (0 when missing);
 - presence: an object of the requested colour and category was found;
+- recognisable presence: the same, counted only over objects that the detector recognises in the exact render of
+  the layout's scene (a box with a corner hidden by another object reads as a ball, and a neighbour sharing a
+  second colour can merge with it), so an exact render scores 1.0 and the number measures the model, not the scorer;
 - colour / category accuracy: the detection that best overlaps the box has the requested colour / category;
 - layer order: where two boxes overlap, the front object's colour covers more of the overlap than the back's;
 - time per image.
@@ -41,6 +44,7 @@ class BenchCase:
     colours: tuple[str, ...]  # per region
     categories: tuple[str, ...]
     seed: int
+    recognisable: tuple[bool, ...]  # per region: the detector finds it in the exact render of the scene
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class CaseScore:
     objects: int
     ious: tuple[float, ...]
     present: tuple[bool, ...]
+    recognisable: tuple[bool, ...]  # the case's, carried along for the recognisable-presence metric
     colour_ok: tuple[bool, ...]
     category_ok: tuple[bool, ...]
     layer_ok: tuple[bool, ...]  # one per overlapping pair
@@ -78,8 +83,14 @@ def case_from_scene(scene: Scene, seed: int) -> BenchCase:
         words = [with_article(phrases[i]) for i in order]
     prompt = (", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]) + f" on {scene.background}"
     regions = tuple(Region(phrase, o.box, layer=o.layer) for phrase, o in zip(phrases, objects))
+    colours, categories = tuple(o.colour for o in objects), tuple(o.category for o in objects)
+    recognisable = tuple(found(detect(scene.image), colour, category) for colour, category in zip(colours, categories))
     return BenchCase(prompt.replace("on night", "at night").replace("on sky", "in the sky"), Layout(regions),
-                     tuple(o.colour for o in objects), tuple(o.category for o in objects), seed)
+                     colours, categories, seed, recognisable)
+
+
+def found(detections, colour: str, category: str) -> bool:
+    return any(d.colour == colour and d.category == category for d in detections)
 
 
 def with_article(phrase: str) -> str:
@@ -92,13 +103,13 @@ def score(image, case: BenchCase, seconds: float) -> CaseScore:
     for region, colour, category in zip(case.layout.regions, case.colours, case.categories):
         same_colour = [d for d in detections if d.colour == colour]
         ious.append(max((box_iou(region.box, d.box) for d in same_colour), default=0.0))
-        present.append(any(d.category == category for d in same_colour))
+        present.append(found(same_colour, colour, category))
         overlapping = [(box_iou(region.box, d.box), d) for d in detections]
         best = max(overlapping, key=lambda pair: pair[0], default=(0.0, None))
         colour_ok.append(best[0] > 0 and best[1].colour == colour)
         category_ok.append(best[0] > 0 and best[1].category == category)
-    return CaseScore(len(case.colours), tuple(ious), tuple(present), tuple(colour_ok), tuple(category_ok),
-                     layer_order(image, case), seconds)
+    return CaseScore(len(case.colours), tuple(ious), tuple(present), case.recognisable, tuple(colour_ok),
+                     tuple(category_ok), layer_order(image, case), seconds)
 
 
 def layer_order(image, case: BenchCase) -> tuple[bool, ...]:
@@ -186,6 +197,8 @@ def _metrics(scores: Sequence[CaseScore]) -> dict:
         "layouts": len(scores),
         "layout_iou": mean(v for s in scores for v in s.ious),
         "presence": mean(v for s in scores for v in s.present),
+        "recognisable_presence": mean(v for s in scores for v, ok in zip(s.present, s.recognisable) if ok),
+        "recognisable_objects": f"{sum(sum(s.recognisable) for s in scores)}/{sum(s.objects for s in scores)}",
         "colour_accuracy": mean(v for s in scores for v in s.colour_ok),
         "category_accuracy": mean(v for s in scores for v in s.category_ok),
         "layer_order_accuracy": mean(v for s in scores for v in s.layer_ok),

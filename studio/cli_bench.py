@@ -10,7 +10,8 @@ from pathlib import Path
 from engines.types import StepProgress
 from studio.cli_generate import add_model_arguments, model_spec
 
-COLUMNS = (("layout_iou", "layout IoU"), ("presence", "presence"), ("colour_accuracy", "colour"),
+COLUMNS = (("layout_iou", "layout IoU"), ("presence", "presence"),
+           ("recognisable_presence", "presence (recognisable)"), ("colour_accuracy", "colour"),
            ("category_accuracy", "category"), ("layer_order_accuracy", "layer order"),
            ("seconds_per_image", "s/image"))
 

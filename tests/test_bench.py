@@ -1,10 +1,12 @@
 """The demo-world benchmark: cases are fixed and scoreable, the scorer rewards exact renders and nothing else,
 and on the shipped demo model, guidance beats no guidance."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from engines.bench import bench_cases, layer_order, run_bench, score
+from engines.bench import bench_cases, layer_order, run_bench, score, summarise
 from engines.demo_world.scenes import BACKGROUNDS, random_scene
 from engines.models import DEMO_MODEL_DIR
 
@@ -32,10 +34,20 @@ def test_layer_order_sees_which_colour_wins_the_overlap():
     image = random_scene(case.seed).image
     assert all(layer_order(image, case))
     flipped = case.layout.regions[::-1]
-    swapped = type(case)(case.prompt, type(case.layout)(tuple(
-        type(r)(r.phrase, r.box, layer=len(flipped) - 1 - r.layer) for r in case.layout.regions)),
-        case.colours, case.categories, case.seed)
+    swapped = replace(case, layout=type(case.layout)(tuple(
+        type(r)(r.phrase, r.box, layer=len(flipped) - 1 - r.layer) for r in case.layout.regions)))
     assert not any(layer_order(image, swapped))
+
+
+def test_recognisable_presence_leaves_out_objects_the_detector_cannot_read_even_in_exact_renders():
+    cases = bench_cases(60)
+    hidden = [c for c in cases if not all(c.recognisable)]
+    assert hidden, "some held-out layouts hide part of an object behind another"
+    assert sum(all(c.recognisable) for c in cases) > 40  # most objects can be scored
+    exact = summarise([score(random_scene(c.seed).image, c, 0.0) for c in cases])["all"]
+    assert exact["presence"] < 1.0 and exact["recognisable_presence"] == 1.0
+    blank = np.full((64, 64, 3), BACKGROUNDS["sky"], np.uint8)
+    assert summarise([score(blank, c, 0.0) for c in cases])["all"]["recognisable_presence"] == 0.0
 
 
 @pytest.mark.skipif(not (DEMO_MODEL_DIR / "model_index.json").exists(), reason="the demo model is not built")
