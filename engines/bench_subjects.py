@@ -107,11 +107,11 @@ def run_subject_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20,
         counter = ImageCounter(len(subjects) * per_subject * 2, on_progress)
         for name, spec in subjects:
             began = time.perf_counter()
-            photos = _write_photos(spec, Path(folder) / name)
+            photos = write_subject_photos(spec, Path(folder) / name)
             register_subject(bundle, RegisterRequest(name, spec.category, photos, preset=preset), library)
             registration_seconds.append(time.perf_counter() - began)
             for composition in compositions(name, spec, per_subject):
-                for row, (prompt, layout) in _variants(composition).items():
+                for row, (prompt, layout) in prompt_variants(composition).items():
                     request = GenerateRequest(prompt, layout=layout, seed=composition.seed, steps=steps, cfg=cfg)
                     result = generator(request, {name: spec.category}, library.residuals)
                     rows[row].append(score_identity(np.asarray(result.images[0]), composition,
@@ -122,7 +122,7 @@ def run_subject_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20,
             "rows": {row: _identity_metrics(scores) for row, scores in rows.items()}}
 
 
-def _variants(composition: Composition) -> dict[str, tuple[str, Layout]]:
+def prompt_variants(composition: Composition) -> dict[str, tuple[str, Layout]]:
     """The composition's prompt and layout naming the registered subject, and naming only its class word."""
     subject_region, *rest = composition.layout.regions
     class_region = Region(composition.spec.category, subject_region.box)
@@ -130,7 +130,7 @@ def _variants(composition: Composition) -> dict[str, tuple[str, Layout]]:
             "class word only": (composition.prompt(composition.spec.category), Layout((class_region, *rest)))}
 
 
-def _write_photos(spec: ObjectSpec, folder: Path) -> tuple[str, ...]:
+def write_subject_photos(spec: ObjectSpec, folder: Path) -> tuple[str, ...]:
     folder.mkdir(parents=True)
     paths = []
     for i, scene in enumerate(subject_photos(spec, PHOTOS_PER_SUBJECT)):
