@@ -84,7 +84,8 @@ def case_from_scene(scene: Scene, seed: int) -> BenchCase:
     prompt = (", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]) + f" on {scene.background}"
     regions = tuple(Region(phrase, o.box, layer=o.layer) for phrase, o in zip(phrases, objects))
     colours, categories = tuple(o.colour for o in objects), tuple(o.category for o in objects)
-    recognisable = tuple(found(detect(scene.image), colour, category) for colour, category in zip(colours, categories))
+    detections = detect(scene.image)
+    recognisable = tuple(found(detections, colour, category) for colour, category in zip(colours, categories))
     return BenchCase(prompt.replace("on night", "at night").replace("on sky", "in the sky"), Layout(regions),
                      colours, categories, seed, recognisable)
 
