@@ -99,10 +99,12 @@ PRESETS: dict[str, RegisterPreset] = {
             "gradient checkpointing keeps SDXL within 24 GB"),
 }
 
-# The demo model's text encoder (3 layers, 128 wide) and its small UNet need a 10× larger step than SD's for Δ to
-# carry a subject: on its subject bench (engines/bench_subjects.py, 2 subjects × 12 compositions, quick preset) the
-# pattern was kept in 0% of compositions at 3e-5, 46% at 1.5e-4, 62% at 3e-4 and 62% at 6e-4.
-FAMILY_LR_SCALE = {"demo": 10.0}
+# The demo model's text encoder (3 layers, 128 wide) and its small UNet need a much larger step than SD's for Δ to
+# carry a subject, and one step size serves every preset there: at the SD presets' lower rates for standard and
+# thorough, the preservation term wins and L_sub hardly moves (0.042 → 0.040 on the striped ball). Subject bench
+# (engines/bench_subjects.py, 2 subjects × 12 compositions), identity: quick 0% at 3e-5, 46% at 1.5e-4, 62% at 3e-4,
+# 62% at 6e-4; standard 42% at 1.5e-4, 50% at 3e-4; thorough 29% at 8e-5, 50% at 3e-4.
+FAMILY_LR = {"demo": 3e-4}
 
 
 # ---------------------------------------------------------------------------------------------- sentence bank
@@ -277,7 +279,7 @@ def resolve_preset(name: str, overrides: dict[str, Any] | None = None, family: s
     if name not in PRESETS:
         raise InputError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
     base = PRESETS[name]
-    preset = replace(base, **{"lr": base.lr * FAMILY_LR_SCALE.get(family, 1.0), **(overrides or {})})
+    preset = replace(base, **{"lr": FAMILY_LR.get(family, base.lr), **(overrides or {})})
     if preset.steps < 1 or preset.batch < 1 or preset.reg_batch < 1 or preset.lr <= 0 or preset.reg_weight < 0:
         raise InputError("registration settings: steps, batch and reg_batch must be ≥ 1, lr > 0, λ ≥ 0")
     return preset
