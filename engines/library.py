@@ -74,6 +74,15 @@ def _check_residuals(residuals: dict[str, torch.Tensor], where: str) -> dict[str
     return out
 
 
+def _photo_loss(stats: dict[str, Any]) -> tuple[float, float] | None:
+    """(before, after) from the training stats, when they hold both numbers (subjects imported from older files
+    may not)."""
+    pair = stats.get("l_sub_eval_before"), stats.get("l_sub_eval_after")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
+        return float(pair[0]), float(pair[1])
+    return None
+
+
 def _validate_meta(meta: Any, where: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise InputError(f"{where}: subject metadata must be a JSON object")
@@ -151,6 +160,7 @@ class SubjectLibrary:
             loss_curve=tuple(float(v) for v in meta.get("loss_curve", [])),
             thumbnail=str(thumbnail) if thumbnail.is_file() else None,
             photos=tuple(str(folder / p) for p in meta.get("photos", [])),
+            photo_loss=_photo_loss(meta.get("stats", {})),
         )
 
     def list(self) -> list[SubjectInfo]:

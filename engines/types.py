@@ -208,6 +208,8 @@ class SubjectInfo:
     loss_curve: tuple[float, ...] = ()
     thumbnail: str | None = None  # path of a PNG
     photos: tuple[str, ...] = ()  # paths of the cropped photos
+    photo_loss: tuple[float, float] | None = None  # denoising loss on its photos before and after registration (fixed
+    # noise and timesteps): one that hardly falls means the preset's learning rate is too low for this model
 
 
 @dataclass(frozen=True)

@@ -693,6 +693,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             if s is None:
                 return "Select a subject to rename, export or delete it.", gr.skip()
             curve = f" · final loss {s.loss_curve[-1]:.4f}" if s.loss_curve else ""
+            if s.photo_loss:
+                curve += f" · loss on its photos {s.photo_loss[0]:.4f} → {s.photo_loss[1]:.4f}"
             text = (f"**`<{s.name}>`** — a {s.class_word} · model family `{s.family}` · {s.steps} steps{curve} · "
                     f"registered {s.created[:16].replace('T', ' ')}")
             return text, s.name

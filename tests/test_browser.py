@@ -172,6 +172,7 @@ def test_subjects_tab_screenshot(page):
     sync_api.expect(page.locator("#subject-gallery")).to_contain_text("<milo>")
     page.locator("#subject-gallery img").first.click()  # cards are sorted by name
     sync_api.expect(page.locator("#subject-detail")).to_contain_text("<milo>")
+    sync_api.expect(page.locator("#subject-detail")).to_contain_text("loss on its photos")  # did it learn?
     page.screenshot(path=str(ARTIFACTS / "studio-subjects.png"), full_page=True)
     # "Place on canvas" adds a region for the subject and goes back to the canvas
     before = page.locator("#canvas .tc-box").count()

@@ -136,6 +136,7 @@ def test_register_sd15_loss_falls_preserves_other_tokens(tmp_path, sd15, photo_p
     stats = library.meta("rex")["stats"]
     # L_sub on a fixed set of (latent, t, ε) falls (Eq. 2)
     assert stats["l_sub_eval_after"] < stats["l_sub_eval_before"]
+    assert library.get("rex").photo_loss == (stats["l_sub_eval_before"], stats["l_sub_eval_after"])  # UI shows it
     # non-class outputs of held-out sentences stay near the frozen encoder's (Eq. 3)
     assert stats["heldout_preservation_error"] < PRESERVATION_TOLERANCE
     residuals = library.residuals("rex")
