@@ -1,8 +1,8 @@
 """Quality and speed benchmark on the demo world: generate fixed, seeded layouts and score them with the detector.
 
 Layouts come from the demo world's own scene generator (held-out seeds), so every requested box, colour,
-category and layer is known exactly. Each layout is generated with no guidance, with the public Cones 2 settings
-and with Troupe's default, on the same seeds, and scored like MS-CustomNet's YOLO-L / YOLO-Subj:
+category and layer is known exactly. Each layout is generated with no guidance, with the public Cones 2 settings,
+with Troupe's default and with Troupe's default plus box fitting, on the same seeds, and scored like MS-CustomNet's YOLO-L / YOLO-Subj:
 - layout IoU: requested box vs the detected box of the object of that colour (0 when missing);
 - presence: an object of the requested colour and category was found;
 - recognisable presence: the same, counted only over objects that the detector recognises in the exact render of
@@ -33,6 +33,7 @@ GUIDANCE_MODES: dict[str, Callable[[], GuidanceConfig]] = {
     "none": GuidanceConfig.off,
     "cones2-public": GuidanceConfig.cones2_public,
     "troupe": GuidanceConfig,
+    "troupe-fitted": lambda: GuidanceConfig().fitted(),  # with box fitting (engines/box_fitting.py)
 }
 MIN_OVERLAP = 0.01  # of the canvas: smaller overlaps say nothing about layer order
 

@@ -27,6 +27,7 @@ from diffusers import (
 from PIL import Image
 
 from engines import metadata
+from engines.box_fitting import BoxFitter
 from engines.layout import build_maps, guidance_scale_at
 from engines.models import ModelBundle
 from engines.prompts import ParsedPrompt, parse_prompt
@@ -77,11 +78,12 @@ class Generator:
         encoded = time.perf_counter()
         # 3. Denoise with layout guidance installed on the UNet; everything is restored afterwards.
         with self._scheduler(request.scheduler), self._layout_guidance(request, prepared.parsed, width, height) as state:
+            fitter = self._box_fitter(request, prepared.parsed, state)
             images = self.bundle.pipe(
                 **prepared.embeds, num_inference_steps=request.steps, guidance_scale=request.cfg,
                 width=width, height=height, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                callback_on_step_end=self._step_callback(request, state, on_progress, cancel, started),
-                output_type="pil",
+                callback_on_step_end=self._step_callback(request, fitter, on_progress, cancel, started),
+                callback_on_step_end_tensor_inputs=self._callback_tensors(fitter), output_type="pil",
             ).images
         denoised = time.perf_counter()
         # 4. Every image carries the request that makes it again.
@@ -137,8 +139,8 @@ class Generator:
     def _layout_guidance(self, request: GenerateRequest, parsed: ParsedPrompt, width: int, height: int):
         """Install the region processors and a UNet pre-hook that sets η(t) from each call's timestep."""
         unet = self.bundle.pipe.unet
-        guide = request.layout.regions and request.guidance.strength > 0
-        if not guide:
+        guidance = request.guidance
+        if not request.layout.regions or (guidance.strength == 0 and guidance.fit_iterations == 0):
             yield None
             return
         factor = self.bundle.pipe.vae_scale_factor
@@ -160,7 +162,30 @@ class Generator:
             hook.remove()
             unet.set_attn_processor(previous)
 
-    def _step_callback(self, request: GenerateRequest, state, on_progress, cancel, started: float):
+    def _box_fitter(self, request: GenerateRequest, parsed: ParsedPrompt, state: GuidanceState | None):
+        if state is None or request.guidance.fit_iterations == 0:
+            return None
+        return BoxFitter(self.bundle.pipe.unet, state, parsed.region_positions, request.guidance)
+
+    def _callback_tensors(self, fitter: BoxFitter | None) -> list[str]:
+        """What the step callback needs from the pipeline's loop: the conditioning too when it fits boxes."""
+        if fitter is None:
+            return ["latents"]
+        return ["latents", "prompt_embeds"] + (["add_text_embeds", "add_time_ids"] if self.bundle.is_xl else [])
+
+    def _fit_conditioning(self, pipe, tensors: dict) -> dict:
+        """The UNet's keyword arguments for the conditional rows of the pipeline's (CFG-batched) inputs."""
+        def conditional(x: torch.Tensor) -> torch.Tensor:
+            return x.chunk(2)[1] if pipe.do_classifier_free_guidance else x
+
+        kwargs = {"encoder_hidden_states": conditional(tensors["prompt_embeds"])}
+        if self.bundle.is_xl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": conditional(tensors["add_text_embeds"]),
+                                           "time_ids": conditional(tensors["add_time_ids"])}
+        return kwargs
+
+    def _step_callback(self, request: GenerateRequest, fitter: BoxFitter | None, on_progress, cancel,
+                       started: float):
         # A linear preview costs nothing, and ten per run are plenty; a VAE-decoded one (the demo model) costs
         # about a tenth of a 64x64 run's denoising on a CPU, so it shows four.
         every = max(1, request.steps // (10 if self.bundle.family in PREVIEW_FACTORS else 4))
@@ -173,7 +198,11 @@ class Generator:
                 show = done % every == 0 or done == request.steps
                 preview = self.preview(tensors["latents"]) if show else None
                 on_progress(StepProgress(done, request.steps, time.perf_counter() - started, preview))
-            return {}
+            upcoming = pipe.scheduler.timesteps[step + 1] if step + 1 < len(pipe.scheduler.timesteps) else None
+            if fitter is None or upcoming is None or not fitter.wants(pipe.scheduler, upcoming):
+                return {}
+            conditioning = self._fit_conditioning(pipe, tensors)
+            return {"latents": fitter(pipe.scheduler, tensors["latents"], upcoming, conditioning)}
 
         return callback
 

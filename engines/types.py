@@ -22,6 +22,10 @@ class InputError(ValueError):
     """Bad input from a person (a box outside the canvas, an unknown subject...): shown as one readable line."""
 
 
+FIT_ITERATIONS = 3  # box fitting when switched on: the demo bench's best trade of fit against time
+MAX_FIT_ITERATIONS = 10
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise InputError(message)
@@ -75,6 +79,10 @@ class GuidanceConfig:
     η(t) = strength · log(1 + σ_t²) · std(QKᵀ); M = inside_weight in the region's cells, other_region_weight in
     cells owned by another region, background_weight in cells no region owns. The Cones 2 public code uses
     strength 0.08, inside 2.5 and −1e8 everywhere outside (notes/reference-implementations.md §1.4).
+
+    Box fitting (`fit_iterations` > 0, engines/box_fitting.py) also moves the latent, before each early step, down
+    the gradient of an energy that is low when every region's words are attended inside its box (Chen et al.'s
+    backward guidance). It costs a UNet forward and backward per iteration, so it is off unless asked for.
     """
 
     strength: float = 0.08
@@ -83,12 +91,20 @@ class GuidanceConfig:
     background_weight: float = 0.0
     guided_fraction: float = 1.0  # guide while t ≥ (1 − fraction)·T
     bound_self_attention: bool = False  # Bounded Attention: no self-attention between different regions
+    fit_iterations: int = 0  # box fitting: latent updates before each fitted step; 0 = off
+    fit_fraction: float = 0.5  # fit while t ≥ (1 − fraction)·T
+    fit_scale: float = 30.0  # step size of the latent update (the public layout-guidance code's 30)
 
     def __post_init__(self) -> None:
-        for name in ("strength", "inside_weight", "other_region_weight", "background_weight", "guided_fraction"):
+        for name in ("strength", "inside_weight", "other_region_weight", "background_weight", "guided_fraction",
+                     "fit_fraction", "fit_scale"):
             _require(_finite(getattr(self, name)), f"guidance {name} must be a finite number")
         _require(self.strength >= 0, "guidance strength must be ≥ 0")
         _require(0.0 <= self.guided_fraction <= 1.0, "guided fraction must be in [0, 1]")
+        _require(isinstance(self.fit_iterations, int) and 0 <= self.fit_iterations <= MAX_FIT_ITERATIONS,
+                 f"box-fitting iterations must be an integer in 0..{MAX_FIT_ITERATIONS}")
+        _require(0.0 <= self.fit_fraction <= 1.0, "box-fitting fraction must be in [0, 1]")
+        _require(self.fit_scale >= 0, "box-fitting scale must be ≥ 0")
 
     @classmethod
     def cones2_public(cls) -> GuidanceConfig:
@@ -98,6 +114,10 @@ class GuidanceConfig:
     @classmethod
     def off(cls) -> GuidanceConfig:
         return cls(strength=0.0)
+
+    def fitted(self, iterations: int = FIT_ITERATIONS) -> GuidanceConfig:
+        """The same guidance with box fitting on (the UI's "Fit objects to their boxes")."""
+        return dataclasses.replace(self, fit_iterations=iterations)
 
 
 @dataclass(frozen=True)

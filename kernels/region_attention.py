@@ -6,13 +6,16 @@ the fused SDPA kernel as its additive mask, so no attention map is materialised,
 second moments of Q and K (exact, O(N·d²) instead of an N×T score matrix):
     mean(QKᵀ) = mean_h( q̄_h · k̄_h ),   mean((QKᵀ)²) = mean_h( ⟨QᵀQ/N, KᵀK/T⟩_F ).
 Self-attention (optional): cells of different regions may not attend to each other (hard mask).
+While box fitting records (engines/box_fitting.py), cross-attention also keeps its attention probabilities
+*without* the bias, with their autograd graph: they say where the model is drawing each region's object.
 Whenever there is nothing to add, the processor hands the call to the processor it replaced, so unguided steps
 are bit-identical to plain diffusers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +32,16 @@ class GuidanceState:
     cfg_batched: bool  # rows are [unconditional..., conditional...] (diffusers' CFG batching)
     time_scale: float = 0.0  # strength · log(1 + σ_t²) at the current timestep; 0 disables guidance
     device_maps: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    recorded: list[tuple[torch.Tensor, ResolutionMaps]] | None = None  # (probabilities (B, N, T), maps) per layer
+
+    @contextmanager
+    def recording(self) -> Iterator[list[tuple[torch.Tensor, ResolutionMaps]]]:
+        """For one UNet call on conditional rows only: collect every cross-attention layer's probabilities."""
+        cfg_batched, self.cfg_batched, self.recorded = self.cfg_batched, False, []
+        try:
+            yield self.recorded
+        finally:
+            self.cfg_batched, self.recorded = cfg_batched, None
 
     def cached(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Maps move to the device and dtype once per request, not once per step."""
@@ -67,7 +80,8 @@ class RegionAttnProcessor:
         return self._guided(attn, hidden_states, encoder_hidden_states, maps)
 
     def _maps_for(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> ResolutionMaps | None:
-        if self.state.time_scale == 0 or attention_mask is not None or hidden_states.ndim != 3:
+        recording = self.is_cross and self.state.recorded is not None
+        if (self.state.time_scale == 0 and not recording) or attention_mask is not None or hidden_states.ndim != 3:
             return None
         if attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection:
             return None  # not a transformer-block attention of SD's UNet
@@ -86,6 +100,8 @@ class RegionAttnProcessor:
         value = _heads(attn.to_v(context), attn.heads)  # (B, H, T, d)
         if attn.norm_q is not None:
             query, key = attn.norm_q(query), attn.norm_k(key)
+        if self.is_cross and self.state.recorded is not None:
+            self.state.recorded.append((attention_probabilities(query, key), maps))
         bias = self._cross_bias(query, key, maps) if self.is_cross else self._self_bias(query, maps)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch, queries, -1).to(query.dtype)  # (B, N, H·d)
@@ -111,6 +127,12 @@ class RegionAttnProcessor:
         bias = torch.zeros((batch, 1) + blocked.shape, dtype=query.dtype, device=query.device)  # (B, 1, N, N)
         bias[conditional_rows(batch, self.state.cfg_batched)] = blocked
         return bias
+
+
+def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d) averaged over heads, in fp32: query (B, H, N, d), key (B, H, T, d) → (B, N, T)."""
+    scores = query.float() @ key.float().transpose(-1, -2) * query.shape[-1] ** -0.5  # (B, H, N, T)
+    return scores.softmax(dim=-1).mean(dim=1)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""The README's demo figure: a few layouts drawn as boxes, then generated without and with Troupe's guidance.
+"""The README's demo figure: a few layouts drawn as boxes, then generated without and with Troupe's guidance, and with
+box fitting on top.
 
     python scripts/demo_figure.py --out assets/readme/demo.png
 
 Each row: the requested layout (boxes in their colours, front layer drawn last), the demo model with no guidance,
-and with Troupe's default guidance; same prompt, same seed. Images are upscaled 4x (nearest) so pixels stay
+with Troupe's default guidance, and with the default plus box fitting; same prompt, same seed. Images are upscaled 4x (nearest) so pixels stay
 visible.
 """
 
@@ -52,10 +53,11 @@ def main() -> None:
     args = parser.parse_args()
     generator = Generator(load_model(ModelSpec(args.model)))
     tile = 64 * SCALE
-    figure = Image.new("RGB", (3 * tile + 4 * 8, len(ROWS) * tile + (len(ROWS) + 1) * 8), "white")
+    columns = (GuidanceConfig.off(), GuidanceConfig(), GuidanceConfig().fitted())
+    figure = Image.new("RGB", ((len(columns) + 1) * tile + (len(columns) + 2) * 8, len(ROWS) * tile + (len(ROWS) + 1) * 8), "white")
     for row, (prompt, background, regions, seed) in enumerate(ROWS):
         tiles = [layout_picture(background, regions, tile)]
-        for guidance in (GuidanceConfig.off(), GuidanceConfig()):
+        for guidance in columns:
             request = GenerateRequest(prompt, layout=Layout(regions), seed=seed, cfg=5.0, guidance=guidance)
             tiles.append(generator(request).images[0].resize((tile, tile), Image.NEAREST))
         for column, picture in enumerate(tiles):

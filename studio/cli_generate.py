@@ -43,6 +43,8 @@ def add_parsers(subparsers) -> None:
                         help="troupe: Troupe's default; cones2: the public Cones 2 code; off: no layout guidance")
     parser.add_argument("--strength", type=float, default=None, help="override the guidance strength")
     parser.add_argument("--bound-self-attention", action="store_true", help="keep regions apart in self-attention too")
+    parser.add_argument("--fit-boxes", action="store_true",
+                        help="draw objects at their boxes' size (box fitting: 2-4x slower)")
     parser.add_argument("--library", default=None, help="subject library folder (default ~/.troupe/library)")
     parser.add_argument("--out", default="outputs/troupe.png", help="PNG path; a batch gets -1, -2, ... suffixes")
     parser.set_defaults(func=run)
@@ -84,6 +86,8 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
         strength = guidance.strength if args.strength is None else args.strength
         guidance = GuidanceConfig(**{**guidance.__dict__, "strength": strength,
                                      "bound_self_attention": args.bound_self_attention})
+    if args.fit_boxes:
+        guidance = guidance.fitted()
     layout = Layout(tuple(parse_box(text, i) for i, text in enumerate(args.box)))
     return GenerateRequest(prompt=args.prompt, negative_prompt=args.negative, layout=layout, seed=args.seed,
                            steps=args.steps, cfg=args.cfg, scheduler=args.scheduler, width=args.width,

@@ -346,6 +346,9 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                                 strength = gr.Slider(0, 0.3, value=GuidanceConfig().strength, step=0.01,
                                                      label="Layout strength", elem_id="guidance-strength",
                                                      info="0 = regions off")
+                            fit_boxes = gr.Checkbox(value=False, label="Fit objects to their boxes",
+                                                    elem_id="fit-boxes",
+                                                    info="draws objects at their boxes' size; 2-4x slower")
                     with gr.Column(scale=5, min_width=380):
                         prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                             placeholder="a photo of <rex> hugging <milo> on the beach — <name> is a "
@@ -509,7 +512,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
         # ================================================================ events: generate
         gen_widgets = {"prompt": prompt, "negative": negative, "canvas": canvas_box, "relation": relation,
                        "seed": seed, "randomize": randomize, "size": size, "steps": steps, "cfg": cfg,
-                       "scheduler": scheduler, "num_images": num_images, "strength": strength}
+                       "scheduler": scheduler, "num_images": num_images, "strength": strength,
+                       "fit_boxes": fit_boxes}
         gen_keys = list(gen_widgets)
 
         def _request_from(values: dict[str, Any], request: gr.Request | None) -> GenerateRequest:
@@ -521,8 +525,11 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
                 prompt=values["prompt"] or "", negative_prompt=values["negative"] or "", layout=layout,
                 relation=values["relation"] or None, seed=seed_value, steps=int(values["steps"]),
                 cfg=float(values["cfg"]), scheduler=values["scheduler"], width=width, height=height,
-                num_images=int(values["num_images"]),
-                guidance=GuidanceConfig(strength=float(values["strength"])))
+                num_images=int(values["num_images"]), guidance=_guidance_from(values))
+
+        def _guidance_from(values: dict[str, Any]) -> GuidanceConfig:
+            guidance = GuidanceConfig(strength=float(values["strength"]))
+            return guidance.fitted() if values["fit_boxes"] else guidance
 
         def generate(request: gr.Request, *values: Any):
             """Stream: (status, results: previews while running, then the PNGs). Bad input: a readable error, nothing changes."""
@@ -547,7 +554,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
 
         def generate_seconds(request: Any, *values: Any) -> float:
             v = dict(zip(gen_keys, values))
-            return min(120.0, 10.0 + 0.6 * float(v.get("steps") or 20) * float(v.get("num_images") or 1))
+            fitting = 3.0 if v.get("fit_boxes") else 1.0  # box fitting: a forward and backward per early step
+            return min(120.0, 10.0 + 0.6 * float(v.get("steps") or 20) * float(v.get("num_images") or 1) * fitting)
 
         gen_event = generate_btn.click(
             on_gpu(generate, generate_seconds), list(gen_widgets.values()), [gen_status, results],
@@ -572,7 +580,7 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
         results.select(on_result_select, None, selected_result, api_visibility="undocumented", show_progress="hidden")
 
         apply_outputs = [prompt, negative, canvas_box, relation, seed, randomize, size, steps, cfg, scheduler,
-                         num_images, strength]
+                         num_images, strength, fit_boxes]
 
         def apply_request(req: GenerateRequest, request: gr.Request | None, width: int | None = None,
                           height: int | None = None) -> tuple:
@@ -585,7 +593,8 @@ def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu:
             rel = req.relation if req.relation in relations else ""
             return (req.prompt, req.negative_prompt, canvas.layout_to_canvas(req.layout, w, h, suggestions(subs)),
                     gr.update(value=rel), req.seed if req.seed is not None else 0, req.seed is None, size_update,
-                    req.steps, req.cfg, req.scheduler, req.num_images, req.guidance.strength)
+                    req.steps, req.cfg, req.scheduler, req.num_images, req.guidance.strength,
+                    req.guidance.fit_iterations > 0)
 
         @guarded
         def reuse(path: str | None, request: gr.Request):

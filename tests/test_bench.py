@@ -51,11 +51,15 @@ def test_recognisable_presence_leaves_out_objects_the_detector_cannot_read_even_
 
 
 @pytest.mark.skipif(not (DEMO_MODEL_DIR / "model_index.json").exists(), reason="the demo model is not built")
-def test_quick_bench_on_the_demo_model_guidance_beats_none():
+def test_quick_bench_on_the_demo_model_guidance_beats_none_and_fitting_beats_guidance_alone():
     from engines.models import load_model
     from engines.types import ModelSpec
 
-    report = run_bench(load_model(ModelSpec("demo")), quick=True, modes=("none", "troupe"), subjects=False)
+    report = run_bench(load_model(ModelSpec("demo")), quick=True, modes=("none", "troupe", "troupe-fitted"),
+                       subjects=False)
     none, troupe = report["modes"]["none"]["all"], report["modes"]["troupe"]["all"]
+    fitted = report["modes"]["troupe-fitted"]["all"]
     assert troupe["layout_iou"] > none["layout_iou"] + 0.1
     assert troupe["layer_order_accuracy"] > none["layer_order_accuracy"]
+    assert fitted["layout_iou"] > troupe["layout_iou"] + 0.05
+    assert fitted["recognisable_presence"] >= troupe["recognisable_presence"] - 0.1

@@ -29,10 +29,10 @@ def two_regions(width: int = 64, height: int = 64, first: str = "red ball", seco
 
 
 def gen_args(prompt: str, canvas: str, seed: int = 7, random_seed: bool = False, steps: int = 3, images: int = 1,
-             relation: str = "") -> list:
+             relation: str = "", fit_boxes: bool = False) -> list:
     # the order of the /generate endpoint: prompt, negative, canvas, relation, seed, random seed, size, steps, cfg,
-    # sampler, number of images, layout strength
-    return [prompt, "", canvas, relation, seed, random_seed, "native", steps, 7.5, "default", images, 0.08]
+    # sampler, number of images, layout strength, fit objects to their boxes
+    return [prompt, "", canvas, relation, seed, random_seed, "native", steps, 7.5, "default", images, 0.08, fit_boxes]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,16 @@ def test_generate_with_two_regions_returns_pngs_with_metadata(client):
     assert regions[0]["box"] == [0.05, 0.3, 0.45, 0.75]
     seeds = {_troupe_request(item["image"])["seed"] for item in gallery}
     assert seeds == {7, 8}  # one seed per image, each image reproducible alone
+
+
+def test_fitting_objects_to_their_boxes_is_recorded_and_reused(client):
+    status, gallery = client.predict(*gen_args("a red ball next to a blue box", two_regions(), fit_boxes=True),
+                                     api_name="/generate")
+    assert "Done" in status
+    request = _troupe_request(gallery[0]["image"])
+    assert request["guidance"]["fit_iterations"] > 0
+    widgets = client.predict(handle_file(gallery[0]["image"]), api_name="/open_png")
+    assert widgets[-1] is True  # the checkbox comes back on
 
 
 def test_register_a_subject_then_generate_with_it(client, photos, studio_app):
@@ -302,9 +312,11 @@ def test_app_on_a_space_wraps_gpu_work_and_isolates_visitors(tiny_sd15_dir, tmp_
     assert app.main(["--model", "ignored"]) == 0
     assert set(wrapped) == {"generate", "register", "load_model"}
     steps_at = ["prompt", "negative", "canvas", "relation", "seed", "randomize", "size", "steps"].index("steps")
-    values = [None] * 12
+    values = [None] * 13
     values[steps_at], values[10] = 30, 2  # 30 steps, 2 images
     assert 10 < wrapped["generate"](None, *values) <= 120
+    values[steps_at], values[12] = 10, True  # box fitting asks for more time
+    assert wrapped["generate"](None, *values) > wrapped["generate"](None, *values[:12], False)
     assert wrapped["register"](None, [], "rex", "dog", "quick") < wrapped["register"](None, [], "rex", "dog", "thorough")
     assert served["args"][0] is None  # host from $GRADIO_SERVER_NAME on a Space
     monkeypatch.delitem(sys.modules, "spaces")

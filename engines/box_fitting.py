@@ -1,0 +1,76 @@
+"""Box fitting: backward layout guidance (Chen, Laina & Vedaldi, "Training-free layout control with cross-attention
+guidance", WACV 2024) on top of the forward guidance of kernels/region_attention.py.
+
+Forward guidance decides which cells may read a region's words, but not how large the model draws the object: on
+the demo model a ball asked into a 14-px box comes out about 24 px wide. Box fitting moves the latent itself. Before
+each early denoising step it takes a few gradient steps on an energy over the cross-attention probabilities A, taken
+without the bias (the model attends to an object's words where it is drawing that object):
+
+    E(z_t) = mean over layers of Σ_r (1 − Σ_{u ∈ B_r} A_{u,r} / Σ_u A_{u,r})²      (their loss)
+    z_t ← z_t − s · (1 − ᾱ_t) · ∇_{z_t} E                                             (their update)
+
+B_r is the set of cells region r owns at the layer's resolution (front regions own overlaps, engines/layout.py) and
+A_{u,r} the attention of cell u to r's tokens, averaged over heads and tokens. The public code scales the step by σ_t²
+on k-diffusion latents, which are √(1 + σ_t²) times the UNet's input; on the UNet's input that is
+σ_t² / (1 + σ_t²) = 1 − ᾱ_t (notes/reference-implementations.md §6). The public code also stops early once E < 0.2;
+that threshold belongs to its normalisation of E, and here stopping at it lost a third of the gain on the demo bench
+(layout IoU 0.63 instead of 0.71 on 24 layouts), so every fitted step runs all its iterations.
+
+Cost: one UNet forward and backward on the conditional rows per iteration, with the attention maps materialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engines.layout import ResolutionMaps, sigma_at
+from engines.types import GuidanceConfig
+from kernels.region_attention import GuidanceState
+
+
+def layout_energy(recorded: Sequence[tuple[torch.Tensor, ResolutionMaps]],
+                  region_positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """E summed over the images of the batch. recorded: per cross-attention layer, (probabilities (B, N, T), maps)."""
+    total = torch.zeros(())
+    for probabilities, maps in recorded:
+        owner = maps.owner.to(probabilities.device)  # (N,)
+        for index, positions in enumerate(region_positions):
+            attention = probabilities[:, :, list(positions)].mean(dim=-1)  # (B, N)
+            inside = (attention * (owner == index)).sum(-1) / attention.sum(-1).clamp(min=1e-8)  # (B,)
+            total = total.to(inside.device) + ((1 - inside) ** 2).sum()
+    return total / max(len(recorded), 1)
+
+
+@dataclass(frozen=True)
+class BoxFitter:
+    """Refits the pipeline's latent between steps; the generator calls it from its step callback."""
+
+    unet: Any
+    state: GuidanceState  # the installed region processors record through it
+    region_positions: tuple[tuple[int, ...], ...]
+    config: GuidanceConfig
+
+    def wants(self, scheduler, timestep: float) -> bool:
+        return float(timestep) >= (1 - self.config.fit_fraction) * scheduler.config.num_train_timesteps
+
+    def __call__(self, scheduler, latents: torch.Tensor, timestep, conditioning: dict) -> torch.Tensor:
+        """The latent the step at `timestep` should start from. conditioning: the UNet's keyword arguments for the
+        conditional rows (encoder_hidden_states, and SDXL's added_cond_kwargs)."""
+        sigma = sigma_at(scheduler.alphas_cumprod.cpu(), float(timestep))
+        step = self.config.fit_scale * sigma**2 / (1 + sigma**2)  # s · (1 − ᾱ_t)
+        # The UNet sees a fixed multiple of the latent: 1 for DDIM, 1/√(1 + σ²) for Euler-type schedulers.
+        factor = float(scheduler.scale_model_input(torch.ones(1, device=latents.device), timestep)[0])
+        model_input = latents * factor
+        for _ in range(self.config.fit_iterations):
+            with torch.enable_grad():
+                model_input = model_input.detach().requires_grad_(True)
+                with self.state.recording() as recorded:
+                    self.unet(model_input, timestep, **conditioning)
+                energy = layout_energy(recorded, self.region_positions)
+                (gradient,) = torch.autograd.grad(energy, model_input)
+            model_input = model_input.detach() - step * gradient
+        return (model_input / factor).detach().to(latents.dtype)
