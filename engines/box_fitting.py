@@ -35,14 +35,14 @@ from kernels.region_attention import GuidanceState
 def layout_energy(recorded: Sequence[tuple[torch.Tensor, ResolutionMaps]],
                   region_positions: Sequence[Sequence[int]]) -> torch.Tensor:
     """E summed over the images of the batch. recorded: per cross-attention layer, (probabilities (B, N, T), maps)."""
-    total = torch.zeros(())
+    terms = []
     for probabilities, maps in recorded:
         owner = maps.owner.to(probabilities.device)  # (N,)
         for index, positions in enumerate(region_positions):
             attention = probabilities[:, :, list(positions)].mean(dim=-1)  # (B, N)
             inside = (attention * (owner == index)).sum(-1) / attention.sum(-1).clamp(min=1e-8)  # (B,)
-            total = total.to(inside.device) + ((1 - inside) ** 2).sum()
-    return total / max(len(recorded), 1)
+            terms.append(((1 - inside) ** 2).sum())
+    return torch.stack(terms).sum() / len(recorded)
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ class GuidanceConfig:
             _require(_finite(getattr(self, name)), f"guidance {name} must be a finite number")
         _require(self.strength >= 0, "guidance strength must be ≥ 0")
         _require(0.0 <= self.guided_fraction <= 1.0, "guided fraction must be in [0, 1]")
-        _require(isinstance(self.fit_iterations, int) and 0 <= self.fit_iterations <= MAX_FIT_ITERATIONS,
+        _require(type(self.fit_iterations) is int and 0 <= self.fit_iterations <= MAX_FIT_ITERATIONS,
                  f"box-fitting iterations must be an integer in 0..{MAX_FIT_ITERATIONS}")
         _require(0.0 <= self.fit_fraction <= 1.0, "box-fitting fraction must be in [0, 1]")
         _require(self.fit_scale >= 0, "box-fitting scale must be ≥ 0")
