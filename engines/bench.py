@@ -29,6 +29,9 @@ from engines.models import ModelBundle
 from engines.types import GenerateRequest, GuidanceConfig, Layout, Region, StepProgress
 
 BENCH_SEED_OFFSET = 5_000_000  # far from the training scenes' seeds
+# A second set of layouts on which no setting was ever chosen: the guidance and box-fitting settings were picked on
+# the bench's own layouts, so this set tells whether they only fit those.
+HELD_OUT_SEED_OFFSET = 6_000_000
 GUIDANCE_MODES: dict[str, Callable[[], GuidanceConfig]] = {
     "none": GuidanceConfig.off,
     "cones2-public": GuidanceConfig.cones2_public,
@@ -60,9 +63,10 @@ class CaseScore:
     seconds: float
 
 
-def bench_cases(count: int) -> list[BenchCase]:
-    """The first `count` held-out scenes whose objects all have distinct colours (so colour tells them apart)."""
-    cases, seed = [], BENCH_SEED_OFFSET
+def bench_cases(count: int, first_seed: int = BENCH_SEED_OFFSET) -> list[BenchCase]:
+    """The first `count` scenes from `first_seed` on whose objects all have distinct colours (so colour tells them
+    apart)."""
+    cases, seed = [], first_seed
     while len(cases) < count:
         scene = random_scene(seed)
         colours = [o.colour for o in scene.objects]
@@ -136,14 +140,16 @@ def layer_order(image, case: BenchCase) -> tuple[bool, ...]:
 
 
 def run_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20, cfg: float = 5.0,
-              modes: Sequence[str] = tuple(GUIDANCE_MODES), subjects: bool = True,
+              modes: Sequence[str] = tuple(GUIDANCE_MODES), subjects: bool = True, held_out: bool = False,
               on_progress: Callable[[StepProgress], None] | None = None) -> dict:
     """Generate every case under every guidance mode; return a JSON-able report with per-group metrics, and with
-    `subjects`, the identity of registered subjects (engines/bench_subjects.py) under "subjects"."""
-    cases = bench_cases(12 if quick else 60)
+    `subjects`, the identity of registered subjects (engines/bench_subjects.py) under "subjects". `held_out`: the
+    layouts from HELD_OUT_SEED_OFFSET instead of the bench's own."""
+    first_seed = HELD_OUT_SEED_OFFSET if held_out else BENCH_SEED_OFFSET
+    cases = bench_cases(12 if quick else 60, first_seed)
     generator = Generator(bundle)
     report = {"model": bundle.spec.source, "family": bundle.family, "steps": steps, "cfg": cfg,
-              "cases": len(cases), "modes": {}}
+              "layouts": "held-out" if held_out else "bench", "cases": len(cases), "modes": {}}
     # The scorer's ceiling: the scenes the layouts came from, rendered exactly (occlusion hides some shapes).
     report["modes"]["ground truth"] = summarise([score(random_scene(c.seed).image, c, 0.0) for c in cases])
     progress = ImageCounter(len(cases) * len(modes), on_progress)

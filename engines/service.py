@@ -75,12 +75,12 @@ class Studio:
             return Generator(bundle)(request, class_words, residuals, on_progress, cancel)
 
     def bench(self, quick: bool = False, steps: int = 20, cfg: float = 5.0, subjects: bool = True,
-              on_progress: ProgressCallback | None = None) -> dict:
+              held_out: bool = False, on_progress: ProgressCallback | None = None) -> dict:
         """The demo-world quality benchmark (engines/bench.py) on the loaded model: a JSON-able report."""
         from engines.bench import run_bench
 
         with self._gpu:
-            return run_bench(self.bundle, quick=quick, steps=steps, cfg=cfg, subjects=subjects,
+            return run_bench(self.bundle, quick=quick, steps=steps, cfg=cfg, subjects=subjects, held_out=held_out,
                              on_progress=on_progress)
 
     def read_request(self, png_path: str | Path) -> GenerateRequest:

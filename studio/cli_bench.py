@@ -25,6 +25,8 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--no-subjects", action="store_true",
                         help="skip the subject identity part (it registers 1-2 subjects first)")
+    parser.add_argument("--held-out", action="store_true",
+                        help="score 60 other layouts, on which no default was ever chosen (seeds from 6,000,000)")
     parser.add_argument("--json", default=None, help="also write the full report here")
     parser.set_defaults(func=run)
 
@@ -59,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from engines.service import Studio
 
     report = Studio(model_spec(args)).bench(quick=args.quick, steps=args.steps, cfg=args.cfg,
-                                            subjects=not args.no_subjects, on_progress=print_progress)
-    print(f"model {report['model']} ({report['family']}), {report['cases']} layouts, "
+                                            subjects=not args.no_subjects, held_out=args.held_out,
+                                            on_progress=print_progress)
+    print(f"model {report['model']} ({report['family']}), {report['cases']} {report['layouts']} layouts, "
           f"{report['steps']} steps, CFG {report['cfg']}")
     print(markdown_table(report))
     if "subjects" in report:

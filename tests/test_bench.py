@@ -2,11 +2,12 @@
 and on the shipped demo model, guidance beats no guidance."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from engines.bench import bench_cases, layer_order, run_bench, score, summarise
+from engines.bench import HELD_OUT_SEED_OFFSET, bench_cases, layer_order, run_bench, score, summarise
 from engines.demo_world.scenes import BACKGROUNDS, random_scene
 from engines.models import DEMO_MODEL_DIR
 
@@ -17,6 +18,16 @@ def test_cases_are_deterministic_with_distinct_colours():
     for case in first:
         assert len(set(case.colours)) == len(case.colours)
         assert all(r.phrase in case.prompt for r in case.layout.regions)
+
+
+def test_the_held_out_run_scores_other_layouts_than_the_bench():
+    model = SimpleNamespace(spec=SimpleNamespace(source="exact renders"), family="demo")
+    bench = run_bench(model, modes=(), subjects=False)  # no generation: the exact renders only
+    held_out = run_bench(model, modes=(), subjects=False, held_out=True)
+    assert (bench["layouts"], held_out["layouts"]) == ("bench", "held-out")
+    assert held_out["cases"] == bench["cases"] == 60
+    assert held_out["modes"]["ground truth"] != bench["modes"]["ground truth"]
+    assert not {c.seed for c in bench_cases(60)} & {c.seed for c in bench_cases(60, HELD_OUT_SEED_OFFSET)}
 
 
 def test_exact_renders_score_high_and_blank_canvases_score_zero():
