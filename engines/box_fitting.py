@@ -6,13 +6,17 @@ the demo model a ball asked into a 14-px box comes out about 24 px wide. Box fit
 each early denoising step it takes a few gradient steps on an energy over the cross-attention probabilities A, taken
 without the bias (the model attends to an object's words where it is drawing that object):
 
-    E(z_t) = mean over layers of Σ_r (1 − Σ_{u ∈ B_r} A_{u,r} / Σ_u A_{u,r})²      (their loss)
+    E(z_t) = mean over layers of Σ_r (1 − Σ_u v_{u,r} A_{u,r} / Σ_u A_{u,r})²        (their loss, by area)
     z_t ← z_t − s · (1 − ᾱ_t) · ∇_{z_t} E                                             (their update)
 
-B_r is the set of cells region r owns at the layer's resolution (front regions own overlaps, engines/layout.py) and
-A_{u,r} the attention of cell u to r's tokens, averaged over heads and tokens. The public code scales the step by σ_t²
-on k-diffusion latents, which are √(1 + σ_t²) times the UNet's input; on the UNet's input that is
-σ_t² / (1 + σ_t²) = 1 − ᾱ_t (notes/reference-implementations.md §6). The public code also stops early once E < 0.2;
+A_{u,r} is the attention of cell u to r's tokens, averaged over heads and tokens, and v_{u,r} the exact fraction of
+cell u where r's box is the front-most one (engines/layout.py). Their code counts a cell as in the box or not; by
+area, attention on a cell the box only half covers half counts, which is where the model draws an object's rim: on
+the demo bench's 1–2 object layouts, layout IoU 0.68 → 0.72 (and 0.72 → 0.76 on the held-out layouts), objects
+1.10 → 1.06 times their box's side.
+
+The public code scales the step by σ_t² on k-diffusion latents, which are √(1 + σ_t²) times the UNet's input; on the
+UNet's input that is σ_t² / (1 + σ_t²) = 1 − ᾱ_t (notes/reference-implementations.md §6). The public code also stops early once E < 0.2;
 that threshold belongs to its normalisation of E, and here stopping at it lost a third of the gain on the demo bench
 (layout IoU 0.63 instead of 0.71 on 24 layouts), so every fitted step runs all its iterations.
 
@@ -37,10 +41,10 @@ def layout_energy(recorded: Sequence[tuple[torch.Tensor, ResolutionMaps]],
     """E summed over the images of the batch. recorded: per cross-attention layer, (probabilities (B, N, T), maps)."""
     terms = []
     for probabilities, maps in recorded:
-        owner = maps.owner.to(probabilities.device)  # (N,)
+        visible = maps.visible.to(probabilities.device)  # (R, N)
         for index, positions in enumerate(region_positions):
             attention = probabilities[:, :, list(positions)].mean(dim=-1)  # (B, N)
-            inside = (attention * (owner == index)).sum(-1) / attention.sum(-1).clamp(min=1e-8)  # (B,)
+            inside = (attention * visible[index]).sum(-1) / attention.sum(-1).clamp(min=1e-8)  # (B,)
             terms.append(((1 - inside) ** 2).sum())
     return torch.stack(terms).sum() / len(recorded)
 

@@ -28,6 +28,7 @@ class ResolutionMaps:
     height: int
     width: int
     owner: torch.Tensor  # (HW,) long: index of the region owning each cell, or BACKGROUND
+    visible: torch.Tensor  # (R, HW) float: the fraction of each cell where region r's box is the front-most one
     token_weights: torch.Tensor  # (HW, T) float: M of Eq. 7 for the region tokens, 0 for every other token
     self_blocked: torch.Tensor | None  # (HW, HW) bool: query cell may not attend to key cell (different regions)
 
@@ -72,6 +73,34 @@ def region_owners(layout: Layout, height: int, width: int) -> torch.Tensor:
     return owner
 
 
+def visible_coverage(layout: Layout, height: int, width: int) -> torch.Tensor:
+    """Exact fraction of each cell's area in which each region is the front-most box (its visible part): (R, H, W).
+    The box edges and the cell edges cut the canvas into rectangles in which the front-most box does not change; each
+    one's area goes to the cell and region it belongs to."""
+    regions = layout.regions
+    xs = _cuts([v for r in regions for v in (r.box[0], r.box[2])], width)  # (X + 1,)
+    ys = _cuts([v for r in regions for v in (r.box[1], r.box[3])], height)  # (Y + 1,)
+    cx, cy = (xs[1:] + xs[:-1]) / 2, (ys[1:] + ys[:-1]) / 2  # piece centres, (X,), (Y,)
+    area = (ys[1:] - ys[:-1])[:, None] * (xs[1:] - xs[:-1])[None, :] * height * width  # (Y, X) in cells
+    front = torch.full(area.shape, BACKGROUND, dtype=torch.long)  # (Y, X)
+    for index in sorted(range(len(regions)), key=lambda i: regions[i].layer):  # back to front, stable
+        x0, y0, x1, y1 = regions[index].box
+        front[((cy > y0) & (cy < y1))[:, None] & ((cx > x0) & (cx < x1))[None, :]] = index
+    cell = ((cy * height).long().clamp(max=height - 1)[:, None] * width
+            + (cx * width).long().clamp(max=width - 1)[None, :])  # (Y, X) flat cell index
+    visible = torch.zeros(len(regions), height * width, dtype=torch.float64)
+    for index in range(len(regions)):
+        mine = front == index
+        visible[index].index_add_(0, cell[mine], area[mine])
+    return visible.view(len(regions), height, width)
+
+
+def _cuts(edges: Sequence[float], cells: int) -> torch.Tensor:
+    """Sorted positions in [0, 1] of every cell edge and every given box edge."""
+    grid = torch.arange(cells + 1, dtype=torch.float64) / cells
+    return torch.unique(torch.cat([grid, torch.tensor(edges, dtype=torch.float64)]))
+
+
 def token_weight_matrix(owner: torch.Tensor, region_positions: Sequence[Sequence[int]], num_tokens: int,
                         config: GuidanceConfig) -> torch.Tensor:
     """M of Cones 2 Eq. 7 for every (cell, token): inside_weight where the token's region owns the cell,
@@ -100,9 +129,10 @@ def build_maps(layout: Layout, region_positions: Sequence[Sequence[int]], num_to
     maps = {}
     for height, width in attention_resolutions(*latent_size, levels):
         owner = region_owners(layout, height, width).view(-1)
+        visible = visible_coverage(layout, height, width).view(len(layout.regions), -1).float()
         blocked = self_attention_blocks(owner) if config.bound_self_attention else None
         weights = token_weight_matrix(owner, region_positions, num_tokens, config)
-        maps[height * width] = ResolutionMaps(height, width, owner, weights, blocked)
+        maps[height * width] = ResolutionMaps(height, width, owner, visible, weights, blocked)
     return maps
 
 

@@ -14,6 +14,7 @@ from engines.layout import (
     guidance_scale_at,
     region_owners,
     sigma_at,
+    visible_coverage,
 )
 from engines.types import GuidanceConfig, InputError, Layout, Region
 from kernels.region_attention import score_std
@@ -22,6 +23,22 @@ from kernels.region_attention import score_std
 def test_coverage_is_exact_area():
     coverage = box_coverage([(0.0, 0.0, 0.375, 1.0)], 1, 4)  # 1.5 of 4 cells
     assert coverage[0, 0].tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+def test_visible_coverage_is_the_exact_area_each_region_shows_in_front():
+    back = Region("dog", (0.1, 0.1, 0.6, 0.6), layer=0)
+    front = Region("cat", (0.4, 0.3, 0.9, 0.8), layer=1)
+    for regions, (b, f) in (((back, front), (0, 1)), ((front, back), (1, 0))):
+        visible = visible_coverage(Layout(regions), 4, 8)  # (2, 4, 8), in cells
+        cells = 4 * 8
+        assert float(visible[f].sum()) / cells == pytest.approx(0.5 * 0.5)  # all of the front box shows
+        assert float(visible[b].sum()) / cells == pytest.approx(0.5 * 0.5 - 0.2 * 0.3)  # less what the front hides
+        assert float(visible.sum(0).max()) <= 1.0 + 1e-9  # no cell is shared out more than once
+    alone = visible_coverage(Layout((back,)), 4, 8)[0]
+    assert torch.allclose(alone, box_coverage([back.box], 4, 8)[0])
+    # a cell half inside the box counts half: (0, 0.375) covers 1.5 of 4 cells
+    assert visible_coverage(Layout((Region("dog", (0.0, 0.0, 0.375, 1.0)),)), 1, 4)[0, 0].tolist() == pytest.approx(
+        [1.0, 0.5, 0.0, 0.0])
 
 
 def test_front_layer_owns_the_overlap_whatever_the_list_order():
