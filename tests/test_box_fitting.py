@@ -10,11 +10,30 @@ import torch
 
 from engines.box_fitting import BoxFitter, layout_energy
 from engines.generate import Generator
+from engines.layout import build_maps
 from engines.models import DEMO_MODEL_DIR
 from engines.types import GenerateRequest, GuidanceConfig, InputError, Layout, Region
 
 PROMPT = "a photo of dog and cat on the beach"
 LAYOUT = Layout((Region("dog", (0.0, 0.0, 1 / 3, 1.0)), Region("cat", (0.5, 0.25, 1.0, 0.75), layer=1)))
+
+
+def energy_with_all_attention_on(cell: int, box: tuple[float, float, float, float], side: int = 4) -> float:
+    """E for one region whose one token (position 1) is attended only at `cell` of a side × side grid."""
+    maps = build_maps(Layout((Region("dog", box),)), [(1,)], 3, (side, side), 1, GuidanceConfig())[side * side]
+    probabilities = torch.zeros(1, side * side, 3)
+    probabilities[0, :, 0] = 1.0  # every other cell attends to the start token
+    probabilities[0, cell] = torch.tensor([0.0, 1.0, 0.0])
+    return float(layout_energy([(probabilities, maps)], [(1,)]))
+
+
+def test_the_energy_counts_a_cell_by_the_area_its_box_covers():
+    box = (0.0, 0.0, 0.375, 1.0)  # column 0 of 4 and half of column 1
+    assert energy_with_all_attention_on(0, box) == 0.0  # a fully covered cell
+    assert energy_with_all_attention_on(1, box) == pytest.approx(0.25)  # a half-covered one counts half: (1 − ½)²
+    assert energy_with_all_attention_on(2, box) == 1.0  # outside
+    tiny = (0.3, 0.3, 0.4, 0.4)  # a box inside one cell (5): that cell is the best it can do, so E can reach 0
+    assert energy_with_all_attention_on(5, tiny) == 0.0 and energy_with_all_attention_on(6, tiny) == 1.0
 
 
 def energy_before_and_after_one_fit(bundle, guidance: GuidanceConfig) -> tuple[float, float]:
