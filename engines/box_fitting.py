@@ -14,14 +14,16 @@ with v_{u,r} the exact fraction of cell u where r's box is the front-most one (e
 a cell as in the box or not; by area, attention on a cell the box only half covers half counts, and that is where
 the model draws an object's rim. Dividing by the best-covered cell lets E reach 0 at every resolution, as theirs
 can: a box smaller than one coarse cell would otherwise push at full force to the end and bend shapes in crowded
-scenes. Against whole cells, on the demo world (`python -m studio bench`, `--held-out`, and 46 + 42 more layouts
-from seed 7,000,000), 1–2 objects: layout IoU 0.678 → 0.711, 0.718 → 0.747, 0.697 → 0.705 (median object side 1.06–1.10 → 1.05–1.07
-times the box's); 3–4 objects (the 42): IoU 0.59 → 0.61, but the recognisable objects found fall from 0.85 to 0.80.
+scenes. Against whole cells, on the demo world (`python -m studio bench`, `--held-out`, and the 1–2 and 3–4 object
+layouts of `engines.bench.bench_cases(60 and 200, 7_000_000)`: 46 and 42), 1–2 objects: layout IoU 0.678 → 0.711, 0.718 → 0.747, 0.697 → 0.705 (median object side
+1.06–1.10 → 1.05–1.07 times the box's); 3–4 objects (the 42): IoU 0.59 → 0.61, but the recognisable objects found
+fall from 0.85 to 0.80.
 
 The public code scales the step by σ_t² on k-diffusion latents, which are √(1 + σ_t²) times the UNet's input; on the
-UNet's input that is σ_t² / (1 + σ_t²) = 1 − ᾱ_t (notes/reference-implementations.md §6). The public code also stops early once E < 0.2;
-that threshold belongs to its normalisation of E, and here stopping at it lost a third of the gain on the demo bench
-(layout IoU 0.63 instead of 0.71 on 24 layouts), so every fitted step runs all its iterations.
+UNet's input that is σ_t² / (1 + σ_t²) = 1 − ᾱ_t (notes/reference-implementations.md §6). The public code also stops
+early once E < 0.2; that threshold belongs to its normalisation of E, and here stopping at it lost a third of the
+gain on the demo bench (layout IoU 0.63 instead of 0.71 on 24 layouts, with whole cells), so every fitted step runs
+all its iterations.
 
 Cost: one UNet forward and backward on the conditional rows per iteration, with the attention maps materialised.
 """

@@ -1,8 +1,8 @@
 """Regions → per-attention-resolution ownership maps with z-order, token weight matrices, and the η(t) schedule.
 
 Everything here is computed once per request (not per step): for each resolution the UNet attends at, which
-region owns each latent cell, the cross-attention weight matrix M of Cones 2 Eq. 7, and (optionally) the
-self-attention bound of Bounded Attention. The attention processors in kernels/ only scale and add them.
+region owns each latent cell, how much of each cell each region's box shows (for box fitting), the cross-attention
+weight matrix M of Cones 2 Eq. 7, and (optionally) the self-attention bound of Bounded Attention. The attention processors in kernels/ only scale and add them.
 """
 
 from __future__ import annotations
