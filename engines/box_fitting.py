@@ -46,8 +46,7 @@ def layout_energy(recorded: Sequence[tuple[torch.Tensor, ResolutionMaps]],
     """E summed over the images of the batch. recorded: per cross-attention layer, (probabilities (B, N, T), maps)."""
     terms = []
     for probabilities, maps in recorded:
-        visible = maps.visible.to(probabilities.device)  # (R, N)
-        weight = visible / visible.amax(dim=-1, keepdim=True).clamp(min=1e-8)  # (R, N): w, best cell 1
+        weight = maps.fit_weights.to(probabilities.device)  # (R, N): w, computed once per request
         for index, positions in enumerate(region_positions):
             attention = probabilities[:, :, list(positions)].mean(dim=-1)  # (B, N)
             inside = (attention * weight[index]).sum(-1) / attention.sum(-1).clamp(min=1e-8)  # (B,)

@@ -28,7 +28,7 @@ class ResolutionMaps:
     height: int
     width: int
     owner: torch.Tensor  # (HW,) long: index of the region owning each cell, or BACKGROUND
-    visible: torch.Tensor  # (R, HW) float: the fraction of each cell where region r's box is the front-most one
+    fit_weights: torch.Tensor  # (R, HW) float: box fitting's w, each cell's visible area over the best cell's
     token_weights: torch.Tensor  # (HW, T) float: M of Eq. 7 for the region tokens, 0 for every other token
     self_blocked: torch.Tensor | None  # (HW, HW) bool: query cell may not attend to key cell (different regions)
 
@@ -129,10 +129,11 @@ def build_maps(layout: Layout, region_positions: Sequence[Sequence[int]], num_to
     maps = {}
     for height, width in attention_resolutions(*latent_size, levels):
         owner = region_owners(layout, height, width).view(-1)
-        visible = visible_coverage(layout, height, width).view(len(layout.regions), -1).float()
+        visible = visible_coverage(layout, height, width).view(len(layout.regions), -1).float()  # (R, HW)
+        fit_weights = visible / visible.amax(dim=-1, keepdim=True).clamp(min=1e-8)  # engines/box_fitting.py
         blocked = self_attention_blocks(owner) if config.bound_self_attention else None
         weights = token_weight_matrix(owner, region_positions, num_tokens, config)
-        maps[height * width] = ResolutionMaps(height, width, owner, visible, weights, blocked)
+        maps[height * width] = ResolutionMaps(height, width, owner, fit_weights, weights, blocked)
     return maps
 
 
