@@ -15,9 +15,9 @@ a cell as in the box or not; by area, attention on a cell the box only half cove
 the model draws an object's rim. Dividing by the best-covered cell lets E reach 0 at every resolution, as theirs
 can: a box smaller than one coarse cell would otherwise push at full force to the end and bend shapes in crowded
 scenes. Against whole cells, on the demo world (`python -m studio bench`, `--held-out`, and the 1–2 and 3–4 object
-layouts of `engines.bench.bench_cases(60 and 200, 7_000_000)`: 46 and 42), 1–2 objects: layout IoU 0.678 → 0.711, 0.718 → 0.747, 0.697 → 0.705 (median object side
-1.06–1.10 → 1.05–1.07 times the box's); 3–4 objects (the 42): IoU 0.59 → 0.61, but the recognisable objects found
-fall from 0.85 to 0.80.
+layouts of `engines.bench.bench_cases(60 and 200, 7_000_000)`: 46 and 42), 1–2 objects: layout IoU 0.678 → 0.711,
+0.718 → 0.747, 0.697 → 0.705 (median object side 1.06–1.10 → 1.05–1.07 times the box's); 3–4 objects (the 42):
+IoU 0.59 → 0.61, but the recognisable objects found fall from 0.85 to 0.80.
 
 The public code scales the step by σ_t² on k-diffusion latents, which are √(1 + σ_t²) times the UNet's input; on the
 UNet's input that is σ_t² / (1 + σ_t²) = 1 − ᾱ_t (notes/reference-implementations.md §6). The public code also stops

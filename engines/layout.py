@@ -2,7 +2,8 @@
 
 Everything here is computed once per request (not per step): for each resolution the UNet attends at, which
 region owns each latent cell, how much of each cell each region's box shows (for box fitting), the cross-attention
-weight matrix M of Cones 2 Eq. 7, and (optionally) the self-attention bound of Bounded Attention. The attention processors in kernels/ only scale and add them.
+weight matrix M of Cones 2 Eq. 7, and (optionally) the self-attention bound of Bounded Attention. The attention
+processors in kernels/ only scale and add them.
 """
 
 from __future__ import annotations
