@@ -36,7 +36,8 @@ def test_the_energy_counts_a_cell_by_the_area_its_box_covers():
     assert energy_with_all_attention_on(5, tiny) == 0.0 and energy_with_all_attention_on(6, tiny) == 1.0
 
 
-def energy_before_and_after_one_fit(bundle, guidance: GuidanceConfig) -> tuple[float, float]:
+def one_fit(bundle, guidance: GuidanceConfig) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """(E before, E after, latents before, latents after) for one fitted step at t = 801."""
     generator = Generator(bundle)
     request = GenerateRequest(PROMPT, layout=LAYOUT, seed=0, steps=4, cfg=1.0, guidance=guidance)
     width, height = generator.image_size(request)
@@ -56,17 +57,25 @@ def energy_before_and_after_one_fit(bundle, guidance: GuidanceConfig) -> tuple[f
 
         fitter = BoxFitter(unet, state, prepared.parsed.region_positions, guidance)
         fitted = fitter(scheduler, latents, timestep, conditioning)
-        return energy(latents), energy(fitted)
+        return energy(latents), energy(fitted), latents, fitted
 
 
 def test_fitting_lowers_the_energy_of_attention_outside_the_boxes(sd15):
-    before, after = energy_before_and_after_one_fit(sd15, GuidanceConfig(fit_scale=3000.0).fitted())
+    before, after, _, _ = one_fit(sd15, GuidanceConfig(fit_scale=3000.0).fitted())
     assert after < before - 1e-4
 
 
+def test_fitting_moves_the_latent_but_keeps_its_norm(sd15):
+    """A latent grown past its noise level's norm is one the UNet never saw: shapes bend, or the image is noise."""
+    _, _, latents, fitted = one_fit(sd15, GuidanceConfig(fit_scale=3000.0).fitted())
+    assert (fitted - latents).norm() > 0.1 * latents.norm()
+    assert fitted.norm() == pytest.approx(float(latents.norm()), rel=1e-5)
+
+
 def test_fitting_with_scale_zero_leaves_the_latent_alone(sd15):
-    before, after = energy_before_and_after_one_fit(sd15, GuidanceConfig(fit_scale=0.0).fitted())
+    before, after, latents, fitted = one_fit(sd15, GuidanceConfig(fit_scale=0.0).fitted())
     assert after == pytest.approx(before, abs=1e-6)
+    assert torch.allclose(fitted, latents, atol=1e-6)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m"])
