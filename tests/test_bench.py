@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from engines.bench import HELD_OUT_SEED_OFFSET, bench_cases, layer_order, run_bench, score, summarise
+from engines.bench import HELD_OUT_SEED_OFFSET, bench_cases, layer_order, run_bench, score, summarise, through_vae
 from engines.demo_world.scenes import BACKGROUNDS, random_scene
 from engines.models import DEMO_MODEL_DIR
 
@@ -74,3 +74,16 @@ def test_quick_bench_on_the_demo_model_guidance_beats_none_and_fitting_beats_gui
     assert troupe["layer_order_accuracy"] > none["layer_order_accuracy"]
     assert fitted["layout_iou"] > troupe["layout_iou"] + 0.05
     assert fitted["recognisable_presence"] >= troupe["recognisable_presence"] - 0.1
+    decoded = report["modes"]["ground truth through the VAE"]["all"]  # the model's ceiling, next to the scorer's
+    assert 0.8 < decoded["layout_iou"] <= report["modes"]["ground truth"]["all"]["layout_iou"]
+
+
+@pytest.mark.skipif(not (DEMO_MODEL_DIR / "model_index.json").exists(), reason="the demo model is not built")
+def test_the_vae_ceiling_is_the_scene_as_the_demo_models_decoder_returns_it():
+    from engines.models import load_model
+    from engines.types import ModelSpec
+
+    image = random_scene(bench_cases(1)[0].seed).image
+    decoded = through_vae(load_model(ModelSpec("demo")), image)
+    assert decoded.shape == image.shape and decoded.dtype == np.uint8
+    assert 0 < np.abs(decoded.astype(int) - image).mean() < 10  # close, but blurred: not the render itself
