@@ -30,7 +30,7 @@ from engines.demo_world.detector import box_iou, colour_labels, detect
 from engines.demo_world.scenes import COLOURS, Scene, random_scene
 from engines.generate import Generator
 from engines.models import ModelBundle
-from engines.types import GenerateRequest, GuidanceConfig, Layout, Region, StepProgress
+from engines.types import GenerateRequest, GuidanceConfig, InputError, Layout, Region, StepProgress
 
 BENCH_SEED_OFFSET = 5_000_000  # far from the training scenes' seeds
 # A second set of layouts on which no setting was ever chosen: the guidance and box-fitting settings were picked on
@@ -145,15 +145,24 @@ def layer_order(image, case: BenchCase) -> tuple[bool, ...]:
 
 def run_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20, cfg: float = 5.0,
               modes: Sequence[str] = tuple(GUIDANCE_MODES), subjects: bool = True, held_out: bool = False,
+              layouts: int | None = None, first_seed: int | None = None,
               on_progress: Callable[[StepProgress], None] | None = None) -> dict:
     """Generate every case under every guidance mode; return a JSON-able report with per-group metrics, and with
     `subjects`, the identity of registered subjects (engines/bench_subjects.py) under "subjects". `held_out`: the
-    layouts from HELD_OUT_SEED_OFFSET instead of the bench's own."""
-    first_seed = HELD_OUT_SEED_OFFSET if held_out else BENCH_SEED_OFFSET
-    cases = bench_cases(12 if quick else 60, first_seed)
+    layouts from HELD_OUT_SEED_OFFSET instead of the bench's own. `layouts` and `first_seed` override how many
+    layouts (60; 12 when `quick`) and from which scene seed on."""
+    unknown = sorted(set(modes) - set(GUIDANCE_MODES))
+    if unknown:
+        raise InputError(f"unknown bench mode {', '.join(unknown)}: choose from {', '.join(GUIDANCE_MODES)}")
+    if layouts is not None and layouts < 1 or first_seed is not None and first_seed < 0:
+        raise InputError("the bench needs at least 1 layout and a first seed ≥ 0")
+    if first_seed is None:
+        first_seed = HELD_OUT_SEED_OFFSET if held_out else BENCH_SEED_OFFSET
+    cases = bench_cases(layouts or (12 if quick else 60), first_seed)
     generator = Generator(bundle)
+    names = {BENCH_SEED_OFFSET: "bench", HELD_OUT_SEED_OFFSET: "held-out"}
     report = {"model": bundle.spec.source, "family": bundle.family, "steps": steps, "cfg": cfg,
-              "layouts": "held-out" if held_out else "bench", "cases": len(cases), "modes": {}}
+              "layouts": names.get(first_seed, f"from seed {first_seed}"), "cases": len(cases), "modes": {}}
     # The scorer's ceiling: the scenes the layouts came from, rendered exactly (occlusion hides some shapes).
     report["modes"]["ground truth"] = summarise([score(random_scene(c.seed).image, c, 0.0) for c in cases])
     if modes:  # the model's ceiling: its VAE blurs small stars' points and boxes' corners

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from engines.types import (
@@ -75,12 +76,15 @@ class Studio:
             return Generator(bundle)(request, class_words, residuals, on_progress, cancel)
 
     def bench(self, quick: bool = False, steps: int = 20, cfg: float = 5.0, subjects: bool = True,
-              held_out: bool = False, on_progress: ProgressCallback | None = None) -> dict:
-        """The demo-world quality benchmark (engines/bench.py) on the loaded model: a JSON-able report."""
-        from engines.bench import run_bench
+              held_out: bool = False, layouts: int | None = None, first_seed: int | None = None,
+              modes: Sequence[str] | None = None, on_progress: ProgressCallback | None = None) -> dict:
+        """The demo-world quality benchmark (engines/bench.py) on the loaded model: a JSON-able report. `modes`:
+        the guidance modes to score (all of them when None)."""
+        from engines.bench import GUIDANCE_MODES, run_bench
 
         with self._gpu:
             return run_bench(self.bundle, quick=quick, steps=steps, cfg=cfg, subjects=subjects, held_out=held_out,
+                             layouts=layouts, first_seed=first_seed, modes=tuple(modes or GUIDANCE_MODES),
                              on_progress=on_progress)
 
     def read_request(self, png_path: str | Path) -> GenerateRequest:

@@ -27,6 +27,14 @@ def add_parsers(subparsers) -> None:
                         help="skip the subject identity part (it registers 1-2 subjects first)")
     parser.add_argument("--held-out", action="store_true",
                         help="score 60 other layouts, on which no default was ever chosen (seeds from 6,000,000)")
+    # SUPPRESS: these defaults depend on other options, so the help says them instead of "(default: None)"
+    parser.add_argument("--layouts", type=int, default=argparse.SUPPRESS,
+                        help="how many layouts (default: 60, 12 with --quick)")
+    parser.add_argument("--first-seed", type=int, default=argparse.SUPPRESS,
+                        help="take the layouts from this scene seed on (default: the bench's, 5,000,000)")
+    parser.add_argument("--modes", default=argparse.SUPPRESS,
+                        help="comma-separated guidance modes to score: none, cones2-public, troupe, troupe-fitted "
+                             "(default: all)")
     parser.add_argument("--json", default=None, help="also write the full report here")
     parser.set_defaults(func=run)
 
@@ -57,13 +65,20 @@ def print_progress(progress: StepProgress) -> None:
     print(f"image {progress.step}/{progress.total}  eta {progress.eta:5.0f}s", end=end, file=sys.stderr, flush=True)
 
 
+def modes(args: argparse.Namespace) -> list[str] | None:
+    """The --modes list, or None for all of them."""
+    return [mode.strip() for mode in args.modes.split(",")] if hasattr(args, "modes") else None
+
+
 def run(args: argparse.Namespace) -> int:
     from engines.service import Studio
 
     report = Studio(model_spec(args)).bench(quick=args.quick, steps=args.steps, cfg=args.cfg,
                                             subjects=not args.no_subjects, held_out=args.held_out,
+                                            layouts=getattr(args, "layouts", None),
+                                            first_seed=getattr(args, "first_seed", None), modes=modes(args),
                                             on_progress=print_progress)
-    print(f"model {report['model']} ({report['family']}), {report['cases']} {report['layouts']} layouts, "
+    print(f"model {report['model']} ({report['family']}), {report['cases']} layouts ({report['layouts']}), "
           f"{report['steps']} steps, CFG {report['cfg']}")
     print(markdown_table(report))
     if "subjects" in report:

@@ -10,6 +10,10 @@ import pytest
 from engines.bench import HELD_OUT_SEED_OFFSET, bench_cases, layer_order, run_bench, score, summarise, through_vae
 from engines.demo_world.scenes import BACKGROUNDS, random_scene
 from engines.models import DEMO_MODEL_DIR
+from engines.types import InputError
+from studio.__main__ import main
+
+EXACT_RENDERS = SimpleNamespace(spec=SimpleNamespace(source="exact renders"), family="demo")  # with modes=(): no model
 
 
 def test_cases_are_deterministic_with_distinct_colours():
@@ -21,13 +25,32 @@ def test_cases_are_deterministic_with_distinct_colours():
 
 
 def test_the_held_out_run_scores_other_layouts_than_the_bench():
-    model = SimpleNamespace(spec=SimpleNamespace(source="exact renders"), family="demo")
-    bench = run_bench(model, modes=(), subjects=False)  # no generation: the exact renders only
-    held_out = run_bench(model, modes=(), subjects=False, held_out=True)
+    bench = run_bench(EXACT_RENDERS, modes=(), subjects=False)  # no generation: the exact renders only
+    held_out = run_bench(EXACT_RENDERS, modes=(), subjects=False, held_out=True)
     assert (bench["layouts"], held_out["layouts"]) == ("bench", "held-out")
     assert held_out["cases"] == bench["cases"] == 60
     assert held_out["modes"]["ground truth"] != bench["modes"]["ground truth"]
     assert not {c.seed for c in bench_cases(60)} & {c.seed for c in bench_cases(60, HELD_OUT_SEED_OFFSET)}
+
+
+def test_any_number_of_layouts_can_come_from_any_seed():
+    wide = run_bench(EXACT_RENDERS, modes=(), subjects=False, layouts=100, first_seed=7_000_000)
+    assert (wide["cases"], wide["layouts"]) == (100, "from seed 7000000")
+    assert wide["modes"]["ground truth"]["all"]["layouts"] == 100
+
+
+@pytest.mark.parametrize("options, message", [({"modes": ("none", "fitted")}, "unknown bench mode fitted"),
+                                              ({"layouts": 0}, "at least 1 layout"),
+                                              ({"first_seed": -1}, "first seed")])
+def test_bad_bench_choices_are_refused_with_their_name(options, message):
+    with pytest.raises(InputError, match=message):
+        run_bench(EXACT_RENDERS, subjects=False, **options)
+
+
+def test_cli_bench_with_an_unknown_mode_is_one_line_and_exit_2(tiny_sd15_dir, capsys):
+    code = main(["bench", "--model", str(tiny_sd15_dir), "--no-subjects", "--modes", "troupe, fited"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unknown bench mode fited" in err[0]
 
 
 def test_exact_renders_score_high_and_blank_canvases_score_zero():
