@@ -2,7 +2,8 @@
 
 Layouts come from the demo world's own scene generator (held-out seeds), so every requested box, colour,
 category and layer is known exactly. Each layout is generated with no guidance, with the public Cones 2 settings,
-with Troupe's default and with Troupe's default plus box fitting, on the same seeds, and scored like MS-CustomNet's YOLO-L / YOLO-Subj:
+with Troupe's default and with Troupe's default plus box fitting, on the same seeds, and scored like MS-CustomNet's
+YOLO-L / YOLO-Subj:
 - layout IoU: requested box vs the detected box of the object of that colour (0 when missing);
 - presence: an object of the requested colour and category was found;
 - recognisable presence: the same, counted only over objects that the detector recognises in the exact render of

@@ -16,7 +16,7 @@ a cell as in the box or not; by area, attention on a cell the box only half cove
 the model draws an object's rim. Dividing by the best-covered cell lets E reach 0 at every resolution, as theirs
 can: a box smaller than one coarse cell would otherwise push at full force to the end and bend shapes in crowded
 scenes. Against whole cells, on the demo world (`python -m studio bench`, `--held-out`, and the 1–2 and 3–4 object
-layouts of `engines.bench.bench_cases(60 and 200, 7_000_000)`: 46 and 42), 1–2 objects: layout IoU 0.678 → 0.711,
+layouts of `--first-seed 7000000 --layouts 60 and 200`: 46 and 42), 1–2 objects: layout IoU 0.678 → 0.711,
 0.718 → 0.747, 0.697 → 0.705 (median object side 1.06–1.10 → 1.05–1.07 times the box's); 3–4 objects (the 42):
 IoU 0.59 → 0.61, but the recognisable objects found fall from 0.85 to 0.80.
 
@@ -28,11 +28,11 @@ all its iterations.
 
 The rescale keeps the latent at the norm it came with (z_t⁰), the norm of a latent at this noise level: the update
 moves it sideways, it does not add noise. Without it the update grew the norm in every layout measured, by 4–40 %
-over the fitted steps; the UNet has never seen such latents, and shapes bend. In one layout of
-`bench_cases(200, 7_000_000)` the first update took the norm from 32 to 55, the sampler grew it to 91, and the image
-came out as noise. With 3–4 objects (the 42 layouts there / 34 from 8_000_000): layout IoU 0.61 → 0.62 / 0.613 →
-0.616, recognisable objects found 0.80 → 0.85 / unchanged. With 1–2 objects, on the bench and held-out layouts:
-IoU 0.711 → 0.715 and 0.747 → 0.750, presence unchanged.
+over the fitted steps; the UNet has never seen such latents, and shapes bend. In one layout of `python -m studio
+bench --first-seed 7000000 --layouts 200` the first update took the norm from 32 to 55, the sampler grew it to 91,
+and the image came out as noise. With 3–4 objects (the 42 layouts there / 34 from seed 8000000): layout IoU 0.61 →
+0.62 / 0.613 → 0.616, recognisable objects found 0.80 → 0.85 / unchanged. With 1–2 objects, on the bench and
+held-out layouts: IoU 0.711 → 0.715 and 0.747 → 0.750, presence unchanged.
 
 Cost: one UNet forward and backward on the conditional rows per iteration, with the attention maps materialised.
 """
