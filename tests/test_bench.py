@@ -73,6 +73,12 @@ def test_layer_order_sees_which_colour_wins_the_overlap():
     assert not any(layer_order(image, swapped))
 
 
+def test_exact_renders_keep_every_layer_order():
+    """The overlap is the two whole shapes', not their boxes': a ring's hole shows what is behind it."""
+    results = [ok for case in bench_cases(60) for ok in layer_order(random_scene(case.seed).image, case)]
+    assert len(results) >= 15 and all(results)
+
+
 def test_recognisable_presence_leaves_out_objects_the_detector_cannot_read_even_in_exact_renders():
     cases = bench_cases(60)
     hidden = [c for c in cases if not all(c.recognisable)]
