@@ -159,6 +159,8 @@ def run_bench(bundle: ModelBundle, quick: bool = False, steps: int = 20, cfg: fl
         raise InputError(f"unknown bench mode {', '.join(unknown)}: choose from {', '.join(GUIDANCE_MODES)}")
     if layouts is not None and layouts < 1 or first_seed is not None and first_seed < 0:
         raise InputError("the bench needs at least 1 layout and a first seed ≥ 0")
+    if held_out and first_seed is not None:
+        raise InputError("held-out and a first seed name two different layout sets: choose one")
     if first_seed is None:
         first_seed = HELD_OUT_SEED_OFFSET if held_out else BENCH_SEED_OFFSET
     cases = bench_cases(layouts or (12 if quick else 60), first_seed)

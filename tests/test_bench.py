@@ -41,7 +41,8 @@ def test_any_number_of_layouts_can_come_from_any_seed():
 
 @pytest.mark.parametrize("options, message", [({"modes": ("none", "fitted")}, "unknown bench mode fitted"),
                                               ({"layouts": 0}, "at least 1 layout"),
-                                              ({"first_seed": -1}, "first seed")])
+                                              ({"first_seed": -1}, "first seed"),
+                                              ({"held_out": True, "first_seed": 7_000_000}, "choose one")])
 def test_bad_bench_choices_are_refused_with_their_name(options, message):
     with pytest.raises(InputError, match=message):
         run_bench(EXACT_RENDERS, subjects=False, **options)
