@@ -1,38 +1,22 @@
 """Box fitting: backward layout guidance (Chen, Laina & Vedaldi, "Training-free layout control with cross-attention
 guidance", WACV 2024) on top of the forward guidance of kernels/region_attention.py.
 
-Forward guidance decides which cells may read a region's words, but not how large the model draws the object: on
-the demo model a ball asked into a 14-px box comes out about 24 px wide. Box fitting moves the latent itself. Before
-each early denoising step it takes a few gradient steps on an energy over the cross-attention probabilities A, taken
-without the bias (the model attends to an object's words where it is drawing that object):
+Forward guidance decides which cells may read a region's words, but not how large the model draws the object. Box
+fitting moves the latent itself: before each early denoising step it takes a few gradient steps on an energy over the
+cross-attention probabilities A, read without the bias (the model attends to an object's words where it draws it):
 
     E(z_t) = mean over layers of Σ_r (1 − Σ_u w_{u,r} A_{u,r} / Σ_u A_{u,r})²        (their loss, by area)
     z_t ← z_t − s · (1 − ᾱ_t) · ∇_{z_t} E                                             (their update)
-    z_t ← z_t · ‖z_t⁰‖ / ‖z_t‖, per image, after the step's iterations                  (ours, below)
+    z_t ← z_t · ‖z_t⁰‖ / ‖z_t‖, per image, after the step's iterations                  (ours)
 
 A_{u,r} is the attention of cell u to r's tokens, averaged over heads and tokens. w_{u,r} = v_{u,r} / max_u v_{u,r},
-with v_{u,r} the exact fraction of cell u where r's box is the front-most one (engines/layout.py). Their code counts
-a cell as in the box or not; by area, attention on a cell the box only half covers half counts, and that is where
-the model draws an object's rim. Dividing by the best-covered cell lets E reach 0 at every resolution, as theirs
-can: a box smaller than one coarse cell would otherwise push at full force to the end and bend shapes in crowded
-scenes. Against whole cells, on the demo world (`python -m studio bench`, `--held-out`, and the 1–2 and 3–4 object
-layouts of `--first-seed 7000000 --layouts 60 and 200`: 46 and 42), 1–2 objects: layout IoU 0.678 → 0.711,
-0.718 → 0.747, 0.697 → 0.705 (median object side 1.06–1.10 → 1.05–1.07 times the box's); 3–4 objects (the 42):
-IoU 0.59 → 0.61, but the recognisable objects found fall from 0.85 to 0.80.
-
-The public code scales the step by σ_t² on k-diffusion latents, which are √(1 + σ_t²) times the UNet's input; on the
-UNet's input that is σ_t² / (1 + σ_t²) = 1 − ᾱ_t (notes/reference-implementations.md §6). The public code also stops
-early once E < 0.2; that threshold belongs to its normalisation of E, and here stopping at it lost a third of the
-gain on the demo bench (layout IoU 0.63 instead of 0.71 on 24 layouts, with whole cells), so every fitted step runs
-all its iterations.
-
-The rescale keeps the latent at the norm it came with (z_t⁰), the norm of a latent at this noise level: the update
-moves it sideways, it does not add noise. Without it the update grew the norm in every layout measured, by 4–40 %
-over the fitted steps; the UNet has never seen such latents, and shapes bend. In one layout of `python -m studio
-bench --first-seed 7000000 --layouts 200` the first update took the norm from 32 to 55, the sampler grew it to 91,
-and the image came out as noise. With 3–4 objects (the 42 layouts there / 34 from seed 8000000): layout IoU 0.61 →
-0.62 / 0.613 → 0.616, recognisable objects found 0.80 → 0.85 / unchanged. With 1–2 objects, on the bench and
-held-out layouts: IoU 0.711 → 0.715 and 0.747 → 0.750, presence unchanged.
+with v_{u,r} the exact fraction of cell u where r's box is the front-most one (engines/layout.py): a cell the box
+half covers counts half, which is where the model draws an object's rim, and dividing by the best-covered cell lets
+E reach 0 at every resolution, as theirs can. The public code scales the step by σ_t² on k-diffusion latents, which
+are √(1 + σ_t²) times the UNet's input; on the UNet's input that is σ_t² / (1 + σ_t²) = 1 − ᾱ_t. Unlike the public
+code, every fitted step runs all its iterations (no early stop at E < 0.2: that threshold belongs to its own
+normalisation of E). The rescale keeps the latent at the norm of a latent at this noise level: the update may move
+objects, not add noise the UNet has never seen. Why each of these choices, with the numbers: docs/layout.md.
 
 Cost: one UNet forward and backward on the conditional rows per iteration, with the attention maps materialised.
 """
@@ -45,9 +29,10 @@ from typing import Any
 
 import torch
 
-from engines.layout import ResolutionMaps, sigma_at
+from engines.layout import sigma_at
 from engines.types import GuidanceConfig
-from kernels.region_attention import GuidanceState
+from kernels.attention_record import AttentionRecord, inside_energy
+from kernels.maps import ResolutionMaps
 
 
 def layout_energy(recorded: Sequence[tuple[torch.Tensor, ResolutionMaps]],
@@ -58,8 +43,7 @@ def layout_energy(recorded: Sequence[tuple[torch.Tensor, ResolutionMaps]],
         weight = maps.fit_weights.to(probabilities.device)  # (R, N): w, computed once per request
         for index, positions in enumerate(region_positions):
             attention = probabilities[:, :, list(positions)].mean(dim=-1)  # (B, N)
-            inside = (attention * weight[index]).sum(-1) / attention.sum(-1).clamp(min=1e-8)  # (B,)
-            terms.append(((1 - inside) ** 2).sum())
+            terms.append(inside_energy(attention, weight[index]).sum())
     return torch.stack(terms).sum() / len(recorded)
 
 
@@ -68,7 +52,7 @@ class BoxFitter:
     """Refits the pipeline's latent between steps; the generator calls it from its step callback."""
 
     unet: Any
-    state: GuidanceState  # the installed region processors record through it
+    record: AttentionRecord  # the installed region processors record into it
     region_positions: tuple[tuple[int, ...], ...]
     config: GuidanceConfig
 
@@ -86,7 +70,7 @@ class BoxFitter:
         for _ in range(self.config.fit_iterations):
             with torch.enable_grad():
                 model_input = model_input.detach().requires_grad_(True)
-                with self.state.recording() as recorded:
+                with self.record.capture() as recorded:
                     self.unet(model_input, timestep, **conditioning)
                 energy = layout_energy(recorded, self.region_positions)
                 (gradient,) = torch.autograd.grad(energy, model_input)

@@ -14,16 +14,9 @@ from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-)
 from PIL import Image
 
 from engines import metadata
@@ -31,17 +24,17 @@ from engines.box_fitting import BoxFitter
 from engines.layout import build_maps, guidance_scale_at
 from engines.models import ModelBundle
 from engines.prompts import ParsedPrompt, parse_prompt
-from engines.types import Cancelled, GenerateRequest, GenerateResult, InputError, ProgressCallback, StepProgress
+from engines.types import (
+    SCHEDULERS,
+    Cancelled,
+    GenerateRequest,
+    GenerateResult,
+    InputError,
+    ProgressCallback,
+    StepProgress,
+)
 from kernels.region_attention import GuidanceState, install
 
-SCHEDULER_CLASSES = {
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-}
 # Latent → RGB linear approximations for previews (notes/performance-anchors.md §7, ComfyUI latent_formats),
 # rows = latent channels, columns = R, G, B, applied to the scaled latent.
 PREVIEW_FACTORS = {
@@ -128,8 +121,9 @@ class Generator:
     def _scheduler(self, name: str):
         pipe = self.bundle.pipe
         original = pipe.scheduler
-        cls, options = SCHEDULER_CLASSES.get(name, (type(original), {}))
-        pipe.scheduler = cls.from_config(original.config, **options)  # fresh state per request
+        sampler = SCHEDULERS[name]
+        cls = getattr(diffusers, sampler.scheduler) if sampler.scheduler else type(original)
+        pipe.scheduler = cls.from_config(original.config, **dict(sampler.options))  # fresh state per request
         try:
             yield
         finally:
@@ -146,7 +140,7 @@ class Generator:
         factor = self.bundle.pipe.vae_scale_factor
         maps = build_maps(request.layout, parsed.region_positions, self.bundle.tokenizers[0].model_max_length,
                           (height // factor, width // factor), len(unet.config.block_out_channels), request.guidance)
-        state = GuidanceState(maps, cfg_batched=request.cfg > 1)
+        state = GuidanceState(maps, images=request.num_images)
         alphas = self.bundle.pipe.scheduler.alphas_cumprod.cpu()
 
         def set_time(_module, args, kwargs):
@@ -165,7 +159,7 @@ class Generator:
     def _box_fitter(self, request: GenerateRequest, parsed: ParsedPrompt, state: GuidanceState | None):
         if state is None or request.guidance.fit_iterations == 0:
             return None
-        return BoxFitter(self.bundle.pipe.unet, state, parsed.region_positions, request.guidance)
+        return BoxFitter(self.bundle.pipe.unet, state.record, parsed.region_positions, request.guidance)
 
     def _callback_tensors(self, fitter: BoxFitter | None) -> list[str]:
         """What the step callback needs from the pipeline's loop: the conditioning too when it fits boxes."""

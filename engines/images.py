@@ -3,7 +3,7 @@
 Every photo is checked before anything is written anywhere: a file that is not a PNG/JPEG/WebP image, a truncated
 file, a decompression bomb (too many pixels) or a tiny image is an InputError naming the file. Accepted photos are
 turned upright (EXIF orientation), converted to RGB, given a foreground mask, cropped to a square around the subject
-and resized to the model's training size. The mask later weights the denoising loss (engines/register.py).
+and resized to the model's training size. The mask later weights the denoising loss (engines/register/).
 
 Foreground masks: the alpha channel of a cut-out photo (PNG/WebP with transparency); else an ONNX segmenter run through onnxruntime when its model file is present (`TROUPE_SEGMENTER`
 or ~/.troupe/models/segmenter.onnx), otherwise OpenCV GrabCut seeded with a centre rectangle.

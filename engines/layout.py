@@ -10,28 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from engines.types import GuidanceConfig, Layout
-
-BACKGROUND = -1
-# Biases are clamped here after scaling by η(t): exp(-1e4) is 0 in every dtype, while the public code's -1e8 would
-# overflow fp16 to -inf. Clamping after (not before) the scaling keeps -1e8 a hard mask even where η(t) is tiny.
-HARD_MASK = -1e4
-
-
-@dataclass(frozen=True)
-class ResolutionMaps:
-    """What one attention resolution (height × width latent cells) needs, as flat row-major tensors."""
-
-    height: int
-    width: int
-    owner: torch.Tensor  # (HW,) long: index of the region owning each cell, or BACKGROUND
-    fit_weights: torch.Tensor  # (R, HW) float: box fitting's w, each cell's visible area over the best cell's
-    token_weights: torch.Tensor  # (HW, T) float: M of Eq. 7 for the region tokens, 0 for every other token
-    self_blocked: torch.Tensor | None  # (HW, HW) bool: query cell may not attend to key cell (different regions)
+from kernels.maps import BACKGROUND, ResolutionMaps
 
 
 def attention_resolutions(latent_height: int, latent_width: int, levels: int) -> list[tuple[int, int]]:

@@ -4,7 +4,7 @@
                   subject.json            name, class word, family, fingerprint, steps, loss curve, created, version
                   photo_00.png, mask_00.png ...   the cropped photos and their foreground masks
                   thumbnail.png
-    <root>/.work/<name>/                  resumable registration checkpoints (engines/register.py)
+    <root>/.work/<name>/                  resumable registration checkpoints (engines/register/)
     <root>/.tmp-*/ , <root>/.trash-*/     transient: a subject is built under .tmp-* and renamed into place
 
 Names are validated with check_subject_name (so a name can never leave the root). subject.json is validated on load:
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -31,107 +30,49 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engines.types import FAMILIES, InputError, SubjectInfo, check_subject_name
+from engines.subject_files import (
+    ENCODER_KEYS,
+    EXPORT_KEY,
+    FORMAT_VERSION,
+    META,
+    RESIDUALS,
+    THUMBNAIL,
+    THUMBNAIL_SIDE,
+    check_residuals,
+    downsample_curve,
+    fsync,
+    photo_loss,
+    to_image,
+    validate_meta,
+)
+from engines.types import InputError, SubjectInfo, check_subject_name
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-DEFAULT_ROOT = Path("~/.troupe/library")
-ENCODER_KEYS = ("text_encoder", "text_encoder_2")
-RESIDUALS = "residuals.safetensors"
-META = "subject.json"
-THUMBNAIL = "thumbnail.png"
-THUMBNAIL_SIDE = 128
-MAX_CURVE_POINTS = 100  # the stored loss curve is averaged down to this many points (keeps subject.json small)
-EXPORT_KEY = "troupe_subject"
-_META_KEYS = {"format_version": int, "name": str, "class_word": str, "family": str, "fingerprint": str,
-              "created": str, "steps": int, "loss_curve": list, "photos": list, "masks": list, "stats": dict}
-
-
-def downsample_curve(curve: list[float] | tuple[float, ...], points: int = MAX_CURVE_POINTS) -> list[float]:
-    """Average a loss curve down to at most `points` buckets."""
-    values = [float(v) for v in curve]
-    if len(values) <= points:
-        return values
-    edges = np.linspace(0, len(values), points + 1).round().astype(int)
-    return [float(np.mean(values[a:b])) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def _check_residuals(residuals: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    if not residuals or set(residuals) - set(ENCODER_KEYS) or "text_encoder" not in residuals:
-        raise InputError(f"{where}: residuals must be keyed {' / '.join(ENCODER_KEYS)} (got {sorted(residuals)})")
-    out = {}
-    for key, value in residuals.items():
-        if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] < 1 or value.shape[1] < 1:
-            raise InputError(f"{where}: residual '{key}' must be a 2-D tensor (class tokens, width)")
-        value = value.detach().to("cpu", torch.float32).contiguous()
-        if not torch.isfinite(value).all():
-            raise InputError(f"{where}: residual '{key}' has NaN or infinite values")
-        out[key] = value
-    counts = {v.shape[0] for v in out.values()}
-    if len(counts) != 1:
-        raise InputError(f"{where}: the encoders' residuals cover different numbers of class tokens")
-    return out
-
-
-def _photo_loss(stats: dict[str, Any]) -> tuple[float, float] | None:
-    """(before, after) from the training stats, when they hold both numbers (subjects imported from older files
-    may not)."""
-    pair = stats.get("l_sub_eval_before"), stats.get("l_sub_eval_after")
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
-        return float(pair[0]), float(pair[1])
-    return None
-
-
-def _validate_meta(meta: Any, where: str) -> dict[str, Any]:
-    if not isinstance(meta, dict):
-        raise InputError(f"{where}: subject metadata must be a JSON object")
-    unknown = set(meta) - set(_META_KEYS)
-    missing = {"format_version", "name", "class_word", "family", "fingerprint", "created", "steps"} - set(meta)
-    if unknown:
-        raise InputError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
-    if missing:
-        raise InputError(f"{where}: missing keys {', '.join(sorted(missing))}")
-    for key, kind in _META_KEYS.items():
-        if key in meta and (not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool))):
-            raise InputError(f"{where}: '{key}' must be a {kind.__name__}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise InputError(f"{where}: format version {meta['format_version']} is not supported (this Troupe reads "
-                         f"{FORMAT_VERSION})")
-    check_subject_name(meta["name"])
-    if not meta["class_word"].strip() or len(meta["class_word"]) > 100:
-        raise InputError(f"{where}: the class word must be 1–100 characters")
-    if meta["family"] not in FAMILIES:
-        raise InputError(f"{where}: unknown model family '{meta['family']}'")
-    if meta["steps"] < 0:
-        raise InputError(f"{where}: steps must be ≥ 0")
-    try:
-        datetime.fromisoformat(meta["created"])
-    except ValueError as error:
-        raise InputError(f"{where}: 'created' is not an ISO 8601 time") from error
-    for value in meta.get("loss_curve", []):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise InputError(f"{where}: the loss curve must hold finite numbers")
-    for key in ("photos", "masks"):
-        for file_name in meta.get(key, []):
-            if not isinstance(file_name, str) or Path(file_name).name != file_name or not file_name.endswith(".png"):
-                raise InputError(f"{where}: bad file name in '{key}': {file_name!r}")
-    return meta
+def default_library_dir() -> Path:
+    """$TROUPE_LIBRARY, else ~/.troupe/library."""
+    return Path(os.environ.get("TROUPE_LIBRARY") or "~/.troupe/library").expanduser()
 
 
 class SubjectLibrary:
     """The subjects registered on this machine (or Space), one folder each under `root`."""
 
-    def __init__(self, root: str | Path = DEFAULT_ROOT):
-        self.root = Path(root).expanduser()
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_library_dir()
 
     # ----------------------------------------------------------------- paths
     def folder(self, name: str) -> Path:
         return self.root / check_subject_name(name)
 
     def work_dir(self, name: str) -> Path:
-        """Where engines/register.py keeps the resumable checkpoint of a registration in progress."""
+        """Where engines/register/ keeps the resumable checkpoint of a registration in progress."""
         return self.root / ".work" / check_subject_name(name)
+
+    def check_free(self, name: str) -> None:
+        """The one check that a new subject does not take an existing subject's name."""
+        if self.folder(name).exists():
+            raise InputError(f"a subject named '{name}' already exists: pick another name, or delete or rename the "
+                             "old one")
 
     def clear_work(self, name: str) -> None:
         shutil.rmtree(self.work_dir(name), ignore_errors=True)
@@ -145,7 +86,7 @@ class SubjectLibrary:
             raise InputError(f"{where}: {META} is missing") from error
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InputError(f"{where}: {META} is not valid JSON ({error})") from error
-        meta = _validate_meta(meta, where)
+        meta = validate_meta(meta, where)
         if meta["name"] != folder.name:
             raise InputError(f"{where}: {META} names '{meta['name']}'")
         if not (folder / RESIDUALS).is_file():
@@ -160,7 +101,7 @@ class SubjectLibrary:
             loss_curve=tuple(float(v) for v in meta.get("loss_curve", [])),
             thumbnail=str(thumbnail) if thumbnail.is_file() else None,
             photos=tuple(str(folder / p) for p in meta.get("photos", [])),
-            photo_loss=_photo_loss(meta.get("stats", {})),
+            photo_loss=photo_loss(meta.get("stats", {})),
         )
 
     def list(self) -> list[SubjectInfo]:
@@ -201,7 +142,7 @@ class SubjectLibrary:
                 tensors = {key: file.get_tensor(key) for key in file.keys()}
         except Exception as error:  # safetensors raises its own error types
             raise InputError(f"subject '{name}': {RESIDUALS} is unreadable ({error})") from error
-        return _check_residuals(tensors, f"subject '{name}'")
+        return check_residuals(tensors, f"subject '{name}'")
 
     def check_compatible(self, name: str, family: str, fingerprint: str) -> None:
         """A residual only means something to the text encoder it was trained against."""
@@ -218,12 +159,12 @@ class SubjectLibrary:
             masks: list[Image.Image], overwrite: bool = False, stats: dict[str, Any] | None = None) -> SubjectInfo:
         """Build the whole subject folder under a temporary name inside root, then rename it into place."""
         name = check_subject_name(info.name)
-        residuals = _check_residuals(residuals, f"subject '{name}'")
+        residuals = check_residuals(residuals, f"subject '{name}'")
         if len(photos) != len(masks):
             raise InputError(f"subject '{name}': {len(photos)} photos but {len(masks)} masks")
         target = self.root / name
-        if target.exists() and not overwrite:
-            raise InputError(f"a subject named '{name}' already exists (delete or rename it, or overwrite)")
+        if not overwrite:
+            self.check_free(name)
         meta = {
             "format_version": FORMAT_VERSION, "name": name, "class_word": info.class_word, "family": info.family,
             "fingerprint": info.fingerprint, "created": info.created or datetime.now(timezone.utc).isoformat(),
@@ -232,7 +173,7 @@ class SubjectLibrary:
             "masks": [f"mask_{i:02d}.png" for i in range(len(masks))],
             "stats": dict(stats or {}),
         }
-        _validate_meta(meta, f"subject '{name}'")
+        validate_meta(meta, f"subject '{name}'")
         self.root.mkdir(parents=True, exist_ok=True)
         self._sweep()
         temp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
@@ -248,13 +189,13 @@ class SubjectLibrary:
                 thumb.save(temp / THUMBNAIL)
             (temp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
             for path in temp.iterdir():
-                _fsync(path)
+                fsync(path)
             trash = None
             if target.exists():
                 trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
                 os.rename(target, trash)
             os.rename(temp, target)
-            _fsync(self.root)
+            fsync(self.root)
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
         except BaseException:
@@ -275,8 +216,7 @@ class SubjectLibrary:
         check_subject_name(new)
         if old == new:
             return self.get(old)
-        if (self.root / new).exists():
-            raise InputError(f"a subject named '{new}' already exists")
+        self.check_free(new)
         source = self.folder(old)
         temp = Path(tempfile.mkdtemp(prefix=f".tmp-{new}-", dir=self.root))
         try:  # rewrite subject.json in a copy, then swap: the old subject stays whole until the last rename
@@ -340,17 +280,17 @@ class SubjectLibrary:
             meta = json.loads(header[EXPORT_KEY])
         except json.JSONDecodeError as error:
             raise InputError(f"{path.name}: the subject metadata is not valid JSON") from error
-        meta = _validate_meta(meta, path.name)
+        meta = validate_meta(meta, path.name)
         allowed = set(ENCODER_KEYS) | {"thumbnail"} | {f"photo.{i}" for i in range(len(meta.get("photos", [])))} \
             | {f"mask.{i}" for i in range(len(meta.get("masks", [])))}
         unknown = set(tensors) - allowed
         if unknown:
             raise InputError(f"{path.name}: unexpected tensors {', '.join(sorted(unknown))}")
-        residuals = _check_residuals({k: v for k, v in tensors.items() if k in ENCODER_KEYS}, path.name)
-        photos = [_to_image(tensors[f"photo.{i}"], "RGB", path.name) for i in range(len(meta.get("photos", [])))]
-        masks = [_to_image(tensors[f"mask.{i}"], "L", path.name) for i in range(len(meta.get("masks", [])))]
+        residuals = check_residuals({k: v for k, v in tensors.items() if k in ENCODER_KEYS}, path.name)
+        photos = [to_image(tensors[f"photo.{i}"], "RGB", path.name) for i in range(len(meta.get("photos", [])))]
+        masks = [to_image(tensors[f"mask.{i}"], "L", path.name) for i in range(len(meta.get("masks", [])))]
         if not photos and "thumbnail" in tensors:
-            photos = [_to_image(tensors["thumbnail"], "RGB", path.name)]
+            photos = [to_image(tensors["thumbnail"], "RGB", path.name)]
             masks = [Image.new("L", photos[0].size, 255)]
         info = SubjectInfo(name=check_subject_name(name or meta["name"]), class_word=meta["class_word"],
                            family=meta["family"], fingerprint=meta["fingerprint"], created=meta["created"],
@@ -376,24 +316,3 @@ class SubjectLibrary:
             raise InputError(f"{filename}: subjects are shared as .safetensors files")
         local = huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, token=token, revision=revision)
         return self.import_file(Path(local), name=name, overwrite=overwrite)
-
-
-def _to_image(tensor: torch.Tensor, mode: str, where: str) -> Image.Image:
-    ok = tensor.dtype == torch.uint8 and ((mode == "L" and tensor.ndim == 2) or
-                                          (mode == "RGB" and tensor.ndim == 3 and tensor.shape[2] == 3))
-    if not ok or min(tensor.shape[:2]) < 1 or max(tensor.shape[:2]) > 4096:
-        raise InputError(f"{where}: an embedded image has a bad shape or type")
-    return Image.fromarray(tensor.numpy()).convert(mode)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

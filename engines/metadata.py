@@ -8,12 +8,10 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from engines.types import GenerateRequest, InputError
+from engines.types import SCHEDULERS, GenerateRequest, InputError
 
 CHUNK = "troupe"
 FORMAT_VERSION = 1
-SAMPLER_NAMES = {"default": "Default", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a",
-                 "dpmpp_2m": "DPM++ 2M", "lms": "LMS", "pndm": "PNDM"}
 
 
 def png_info(request: GenerateRequest, bundle: Any) -> dict[str, str]:
@@ -25,7 +23,7 @@ def png_info(request: GenerateRequest, bundle: Any) -> dict[str, str]:
 
 def a1111_parameters(request: GenerateRequest, bundle: Any) -> str:
     size = f"{request.width or bundle.native_size}x{request.height or bundle.native_size}"
-    fields = [("Steps", request.steps), ("Sampler", SAMPLER_NAMES[request.scheduler]), ("CFG scale", request.cfg),
+    fields = [("Steps", request.steps), ("Sampler", SCHEDULERS[request.scheduler].title), ("CFG scale", request.cfg),
               ("Seed", request.seed), ("Size", size), ("Model", bundle.spec.source)]
     if request.layout.regions:
         fields.append(("Troupe regions", json.dumps([[r.label, list(r.box), r.layer] for r in request.layout.regions])))

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
@@ -50,11 +51,19 @@ class ModelBundle:
     def native_size(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
+    @torch.no_grad()
+    def vae_roundtrip(self, image: np.ndarray) -> np.ndarray:
+        """An RGB image (H, W, 3) uint8 encoded and decoded by the VAE: the most any latent of this model can show."""
+        vae = self.pipe.vae
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].to(vae.device, vae.dtype) / 127.5 - 1  # (1, 3, H, W)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample  # (1, 3, H, W)
+        return ((decoded[0].permute(1, 2, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+
 
 def load_model(spec: ModelSpec) -> ModelBundle:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    device = _resolve_device(spec.device)
+    device = resolve_device(spec.device)
     dtype = _resolve_dtype(spec.dtype, device)
     _check_accelerator_options(spec, device)
     pipe = _load_pipeline(spec, dtype)
@@ -88,7 +97,9 @@ def text_encoder_fingerprint(pipe: DiffusionPipeline) -> str:
     return digest.hexdigest()[:16]
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto: the CUDA GPU when there is one, else the CPU; a CUDA device asked for on a machine without one is an
+    InputError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -119,7 +130,7 @@ def _load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
     kwargs = {"dtype": dtype, **_quantization_kwargs(spec)}
     path = Path(source).expanduser()
     if spec.source == "demo" and not (path / "model_index.json").exists():
-        raise InputError(f"the demo model is missing from {path}; rebuild it: python -m engines.demo_world.train")
+        raise InputError(f"the demo model is missing from {path}; rebuild it: python -m demo_world.train")
     try:
         if path.is_dir():
             if not (path / "model_index.json").exists():

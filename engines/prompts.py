@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from engines.types import InputError, Layout, Region
+from engines.types import InputError, Layout, Region, unknown_subject
 
 log = logging.getLogger(__name__)
 SUBJECT_PATTERN = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_-]{0,39})>")
@@ -50,8 +50,7 @@ def expand_subjects(prompt: str, class_words: Mapping[str, str]) -> tuple[str, l
     for match in SUBJECT_PATTERN.finditer(prompt):
         name = match.group(1)
         if name not in class_words:
-            known = ", ".join(sorted(class_words)) or "none yet"
-            raise InputError(f"the prompt names <{name}>, but there is no subject of that name (registered: {known})")
+            raise unknown_subject(name, class_words)
         before = prompt[cursor:match.start()]
         pieces += [before, class_words[name]]
         length += len(before)

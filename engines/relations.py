@@ -11,7 +11,6 @@ Torch-free on purpose: the UI imports this module to fill its relation picker.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,13 +18,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from engines.types import Box, InputError, Layout, Region, SubjectInfo, check_subject_name
+from engines.presets import PRESETS_DIR, read_json, versioned_list
+from engines.types import Box, InputError, Layout, Region, SubjectInfo, check_keys, check_subject_name, unknown_subject
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEFAULT_PATH = PRESETS_DIR / "relations.json"
 KINDS: tuple[str, ...] = ("action", "interaction", "spatial")
 SLOTS: tuple[str, ...] = ("a", "b")
-_FILE_KEYS = {"version", "notes", "relations"}
 _REQUIRED = {"name", "kind", "arity", "template", "boxes", "layers"}
 _OPTIONAL = {"scene", "lora"}
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -100,27 +98,12 @@ def _lora_path(value: Any, base: Path, where: str) -> Path | None:
 
 def parse_relations(data: Any, base: Path = PRESETS_DIR, origin: str = "relations") -> dict[str, Relation]:
     """Validate the JSON of a relations file; every problem is an InputError naming the relation and the key."""
-    if not isinstance(data, dict):
-        raise InputError(f"{origin}: the file must hold a JSON object")
-    unknown = set(data) - _FILE_KEYS
-    if unknown:
-        raise InputError(f"{origin}: unknown keys {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(_FILE_KEYS))})")
-    if data.get("version", 1) != 1:
-        raise InputError(f"{origin}: unsupported version {data.get('version')!r} (this Troupe reads version 1)")
-    entries = data.get("relations")
-    if not isinstance(entries, list) or not entries:
-        raise InputError(f"{origin}: 'relations' must be a non-empty list")
+    entries = versioned_list(data, origin, "relations")
     relations: dict[str, Relation] = {}
     for index, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise InputError(f"{origin}: relation #{index + 1} must be an object")
-        where = f"{origin}: relation '{entry.get('name', f'#{index + 1}')}'"
-        unknown = set(entry) - _REQUIRED - _OPTIONAL
-        if unknown:
-            raise InputError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
-        missing = _REQUIRED - set(entry)
-        if missing:
-            raise InputError(f"{where}: missing keys {', '.join(sorted(missing))}")
+        name = entry.get("name", f"#{index + 1}") if isinstance(entry, dict) else f"#{index + 1}"
+        where = f"{origin}: relation '{name}'"
+        check_keys(entry, where, _REQUIRED | _OPTIONAL, _REQUIRED)
         try:
             relation = Relation(name=entry["name"], template=entry["template"], arity=entry["arity"],
                                 boxes=entry["boxes"], layers=entry["layers"], kind=entry["kind"],
@@ -146,11 +129,7 @@ def load_relations(path: str | Path | None = None) -> dict[str, Relation]:
 
 @lru_cache(maxsize=8)
 def _load_cached(path: str, stamp: int) -> dict[str, Relation]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
-    return parse_relations(data, base=Path(path).parent, origin=Path(path).name)
+    return parse_relations(read_json(path, "relations file"), base=Path(path).parent, origin=Path(path).name)
 
 
 def get_relation(name: str, relations: Mapping[str, Relation] | None = None) -> Relation:
@@ -200,8 +179,7 @@ def _resolve(participant: Participant, class_words: Mapping[str, str]) -> tuple[
     if match:
         name = check_subject_name(match.group(1))
         if name not in class_words:
-            known = ", ".join(sorted(class_words)) or "none yet"
-            raise InputError(f"there is no subject named <{name}> (registered: {known})")
+            raise unknown_subject(name, class_words)
         return name, class_words[name]
     if text in class_words:
         return text, class_words[text]

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import copy
-import os
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 from engines.types import (
     GenerateRequest,
     GenerateResult,
-    InputError,
+    Layout,
     ModelSpec,
     ProgressCallback,
     RegisterRequest,
     SubjectInfo,
+    unknown_subject,
 )
-
-DEFAULT_LIBRARY = Path(os.environ.get("TROUPE_LIBRARY", "~/.troupe/library")).expanduser()
 
 
 class Studio:
@@ -26,7 +23,11 @@ class Studio:
 
     def __init__(self, model: ModelSpec | None = None, library_dir: Path | str | None = None) -> None:
         self.model_spec = model or ModelSpec()
-        self.library_dir = Path(library_dir).expanduser() if library_dir else DEFAULT_LIBRARY
+        if library_dir is None:
+            from engines.library import default_library_dir
+
+            library_dir = default_library_dir()
+        self.library_dir = Path(library_dir).expanduser()
         self._bundle = None
         self._library = None
         self._gpu = threading.RLock()
@@ -75,17 +76,17 @@ class Studio:
             residuals = self.library.residuals if class_words else None
             return Generator(bundle)(request, class_words, residuals, on_progress, cancel)
 
-    def bench(self, quick: bool = False, steps: int = 20, cfg: float = 5.0, subjects: bool = True,
-              held_out: bool = False, layouts: int | None = None, first_seed: int | None = None,
-              modes: Sequence[str] | None = None, on_progress: ProgressCallback | None = None) -> dict:
-        """The demo-world quality benchmark (engines/bench.py) on the loaded model: a JSON-able report. `modes`:
-        the guidance modes to score (all of them when None)."""
-        from engines.bench import GUIDANCE_MODES, run_bench
-
+    def vae_roundtrip(self, image):
+        """An RGB image (H, W, 3) uint8 through the model's VAE and back: what the model could show at best."""
         with self._gpu:
-            return run_bench(self.bundle, quick=quick, steps=steps, cfg=cfg, subjects=subjects, held_out=held_out,
-                             layouts=layouts, first_seed=first_seed, modes=tuple(modes or GUIDANCE_MODES),
-                             on_progress=on_progress)
+            return self.bundle.vae_roundtrip(image)
+
+    @staticmethod
+    def save_png(image, path: str | Path) -> Path:
+        """Write a generated image as PNG with the settings it carries (`image.info`)."""
+        from engines.metadata import save_png
+
+        return save_png(image, Path(path))
 
     def read_request(self, png_path: str | Path) -> GenerateRequest:
         from engines.metadata import read_request
@@ -102,8 +103,7 @@ class Studio:
         known = {info.name: info for info in self.library.list()}
         for name in names:
             if name not in known:
-                raise InputError(f"the prompt names <{name}>, but there is no subject of that name "
-                                 f"(registered: {', '.join(sorted(known)) or 'none yet'})")
+                raise unknown_subject(name, known)
             self.library.check_compatible(name, bundle.family, bundle.fingerprint)
         return {name: known[name].class_word for name in names}
 
@@ -144,3 +144,42 @@ class Studio:
     def pull_subject(self, repo_id: str, filename: str, name: str | None = None, token: str | None = None
                      ) -> SubjectInfo:
         return self.library.pull(repo_id, filename, name=name, token=token)
+
+    # Relations, projects and machine presets: torch-free, read by the UI through here --------------------------
+    @staticmethod
+    def relations() -> dict:
+        """The relation presets (engines.relations.Relation by name)."""
+        from engines.relations import load_relations
+
+        return load_relations()
+
+    def apply_relation(self, relation: str, participants: list[str], scene: str = "") -> tuple[str, Layout]:
+        """A relation's prompt and proposed regions for these participants (`<name>` subjects or phrases)."""
+        from engines.relations import apply_relation
+
+        class_words = {info.name: info.class_word for info in self.subjects()}
+        return apply_relation(relation, participants, scene, class_words)
+
+    @staticmethod
+    def vram_presets() -> dict:
+        """The machine presets of presets/vram.json (engines.presets.VramPreset by name)."""
+        from engines.presets import load_vram_presets
+
+        return load_vram_presets()
+
+    def save_project(self, request: GenerateRequest, width: int, height: int, folder: str | Path) -> Path:
+        """Write the composition as a .troupe.json in `folder`, naming the subjects it uses with their class words."""
+        from engines.project import Project
+
+        words = {info.name: info.class_word for info in self.subjects()}
+        named = {r.subject for r in request.layout.regions if r.subject} | {n for n in words if f"<{n}>" in request.prompt}
+        project = Project(request=request, width=width, height=height,
+                          subjects={n: words[n] for n in sorted(named) if n in words}, model=self.model_spec.source)
+        return project.save(Path(folder))
+
+    @staticmethod
+    def read_project(path: str | Path):
+        """The engines.project.Project in a .troupe.json file, validated."""
+        from engines.project import read_project
+
+        return read_project(path)

@@ -6,22 +6,22 @@ the fused SDPA kernel as its additive mask, so no attention map is materialised,
 second moments of Q and K (exact, O(N·d²) instead of an N×T score matrix):
     mean(QKᵀ) = mean_h( q̄_h · k̄_h ),   mean((QKᵀ)²) = mean_h( ⟨QᵀQ/N, KᵀK/T⟩_F ).
 Self-attention (optional): cells of different regions may not attend to each other (hard mask).
-While box fitting records (engines/box_fitting.py), cross-attention also keeps its attention probabilities
-*without* the bias, with their autograd graph: they say where the model is drawing each region's object.
+While an AttentionRecord captures (box fitting, engines/box_fitting.py), cross-attention also keeps its attention
+probabilities *without* the bias, with their autograd graph: they say where the model is drawing each region's object.
 Whenever there is nothing to add, the processor hands the call to the processor it replaced, so unguided steps
 are bit-identical to plain diffusers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from engines.layout import HARD_MASK, ResolutionMaps
+from kernels.attention_record import AttentionRecord, attention_probabilities, split_heads
+from kernels.maps import HARD_MASK, ResolutionMaps
 
 
 @dataclass
@@ -29,29 +29,21 @@ class GuidanceState:
     """Per-request data every processor of one UNet reads; the generator updates `time_scale` before each call."""
 
     maps: dict[int, ResolutionMaps]  # keyed by the number of query tokens HW
-    cfg_batched: bool  # rows are [unconditional..., conditional...] (diffusers' CFG batching)
+    images: int  # conditional rows: the last `images` rows of a call (all of them when CFG is not batched in)
     time_scale: float = 0.0  # strength · log(1 + σ_t²) at the current timestep; 0 disables guidance
+    record: AttentionRecord = field(default_factory=AttentionRecord)
     device_maps: dict[tuple, torch.Tensor] = field(default_factory=dict)
-    recorded: list[tuple[torch.Tensor, ResolutionMaps]] | None = None  # (probabilities (B, N, T), maps) per layer
 
-    @contextmanager
-    def recording(self) -> Iterator[list[tuple[torch.Tensor, ResolutionMaps]]]:
-        """For one UNet call on conditional rows only: collect every cross-attention layer's probabilities."""
-        cfg_batched, self.cfg_batched, self.recorded = self.cfg_batched, False, []
-        try:
-            yield self.recorded
-        finally:
-            self.cfg_batched, self.recorded = cfg_batched, None
+    def conditional_rows(self, batch: int) -> slice:
+        """diffusers batches CFG as [unconditional..., conditional...]; a call with only `images` rows (box fitting,
+        or CFG off) is all conditional."""
+        return slice(max(batch - self.images, 0), batch)
 
     def cached(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Maps move to the device and dtype once per request, not once per step."""
         if key not in self.device_maps:
             self.device_maps[key] = make()
         return self.device_maps[key]
-
-
-def conditional_rows(batch: int, cfg_batched: bool) -> slice:
-    return slice(batch // 2, batch) if cfg_batched else slice(0, batch)
 
 
 def score_std(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -80,7 +72,7 @@ class RegionAttnProcessor:
         return self._guided(attn, hidden_states, encoder_hidden_states, maps)
 
     def _maps_for(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> ResolutionMaps | None:
-        recording = self.is_cross and self.state.recorded is not None
+        recording = self.is_cross and self.state.record.capturing
         if (self.state.time_scale == 0 and not recording) or attention_mask is not None or hidden_states.ndim != 3:
             return None
         if attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection:
@@ -95,13 +87,13 @@ class RegionAttnProcessor:
     def _guided(self, attn, hidden_states, encoder_hidden_states, maps: ResolutionMaps) -> torch.Tensor:
         batch, queries, _ = hidden_states.shape  # (B, N, C)
         context = encoder_hidden_states if self.is_cross else hidden_states
-        query = _heads(attn.to_q(hidden_states), attn.heads)  # (B, H, N, d)
-        key = _heads(attn.to_k(context), attn.heads)  # (B, H, T, d)
-        value = _heads(attn.to_v(context), attn.heads)  # (B, H, T, d)
+        query = split_heads(attn.to_q(hidden_states), attn.heads)  # (B, H, N, d)
+        key = split_heads(attn.to_k(context), attn.heads)  # (B, H, T, d)
+        value = split_heads(attn.to_v(context), attn.heads)  # (B, H, T, d)
         if attn.norm_q is not None:
             query, key = attn.norm_q(query), attn.norm_k(key)
-        if self.is_cross and self.state.recorded is not None:
-            self.state.recorded.append((attention_probabilities(query, key), maps))
+        if self.is_cross:
+            self.state.record.add(attention_probabilities(query, key), maps)
         bias = self._cross_bias(query, key, maps) if self.is_cross else self._self_bias(query, maps)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch, queries, -1).to(query.dtype)  # (B, N, H·d)
@@ -113,7 +105,7 @@ class RegionAttnProcessor:
         batch, tokens = query.shape[0], key.shape[2]
         weights = self.state.cached(("cross", id(maps), str(query.device)),
                                     lambda: maps.token_weights.to(query.device))[:, :tokens]  # (N, T)
-        rows = conditional_rows(batch, self.state.cfg_batched)
+        rows = self.state.conditional_rows(batch)
         scale = query.shape[-1] ** -0.5
         eta = torch.zeros(batch, device=query.device)
         eta[rows] = self.state.time_scale * score_std(query[rows], key[rows]) * scale  # (B,)
@@ -125,19 +117,8 @@ class RegionAttnProcessor:
         blocked = self.state.cached(("self", id(maps), str(query.device), query.dtype), lambda: torch.where(
             maps.self_blocked.to(query.device), HARD_MASK, 0.0).to(query.dtype))  # (N, N)
         bias = torch.zeros((batch, 1) + blocked.shape, dtype=query.dtype, device=query.device)  # (B, 1, N, N)
-        bias[conditional_rows(batch, self.state.cfg_batched)] = blocked
+        bias[self.state.conditional_rows(batch)] = blocked
         return bias
-
-
-def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """softmax(QKᵀ/√d) averaged over heads, in fp32: query (B, H, N, d), key (B, H, T, d) → (B, N, T)."""
-    scores = query.float() @ key.float().transpose(-1, -2) * query.shape[-1] ** -0.5  # (B, H, N, T)
-    return scores.softmax(dim=-1).mean(dim=1)
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, length, inner = x.shape
-    return x.view(batch, length, heads, inner // heads).transpose(1, 2)
 
 
 def install(unet, state: GuidanceState, bound_self_attention: bool) -> dict:

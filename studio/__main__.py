@@ -1,4 +1,4 @@
-"""python -m studio {generate,register,subjects,ui,bench,...}: one module per command group.
+"""python -m studio {generate,register,subjects,bench,ui}: one module per command in studio/cli/.
 
 Each module listed here exposes `add_parsers(subparsers)`; every subparser sets `func(args) -> exit code`.
 Bad input (engines.types.InputError) is one line on stderr and exit code 2, never a traceback.
@@ -12,7 +12,8 @@ import sys
 
 from engines.types import Cancelled, InputError
 
-COMMAND_MODULES = ("studio.cli_generate", "studio.cli_subjects", "studio.cli_bench", "studio.ui")
+COMMAND_MODULES = ("studio.cli.generate", "studio.cli.register", "studio.cli.subjects", "studio.cli.bench",
+                   "studio.cli.ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

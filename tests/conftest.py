@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # tiny_models
-sys.path.insert(0, str(Path(__file__).parent.parent))  # the repository (engines, studio, kernels)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,14 +22,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory) -> Path:
-    from tiny_models import save_tiny
+    from tests.tiny_models import save_tiny
 
     return save_tiny("sd15", tmp_path_factory.mktemp("tiny_sd15"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
-    from tiny_models import save_tiny
+    from tests.tiny_models import save_tiny
 
     return save_tiny("sdxl", tmp_path_factory.mktemp("tiny_sdxl"))
 

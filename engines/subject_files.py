@@ -1,0 +1,115 @@
+"""The files of one subject: the schema of subject.json, the residual tensors, and the images an export carries.
+
+Everything here checks what it reads before anything is written (engines/library.py does the writing).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engines.types import FAMILIES, InputError, check_keys, check_subject_name
+
+FORMAT_VERSION = 1
+ENCODER_KEYS = ("text_encoder", "text_encoder_2")
+RESIDUALS = "residuals.safetensors"
+META = "subject.json"
+THUMBNAIL = "thumbnail.png"
+THUMBNAIL_SIDE = 128
+MAX_CURVE_POINTS = 100  # the stored loss curve is averaged down to this many points (keeps subject.json small)
+EXPORT_KEY = "troupe_subject"
+_META_KEYS = {"format_version": int, "name": str, "class_word": str, "family": str, "fingerprint": str,
+              "created": str, "steps": int, "loss_curve": list, "photos": list, "masks": list, "stats": dict}
+
+
+def downsample_curve(curve: list[float] | tuple[float, ...], points: int = MAX_CURVE_POINTS) -> list[float]:
+    """Average a loss curve down to at most `points` buckets."""
+    values = [float(v) for v in curve]
+    if len(values) <= points:
+        return values
+    edges = np.linspace(0, len(values), points + 1).round().astype(int)
+    return [float(np.mean(values[a:b])) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def check_residuals(residuals: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    if not residuals or set(residuals) - set(ENCODER_KEYS) or "text_encoder" not in residuals:
+        raise InputError(f"{where}: residuals must be keyed {' / '.join(ENCODER_KEYS)} (got {sorted(residuals)})")
+    out = {}
+    for key, value in residuals.items():
+        if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] < 1 or value.shape[1] < 1:
+            raise InputError(f"{where}: residual '{key}' must be a 2-D tensor (class tokens, width)")
+        value = value.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(value).all():
+            raise InputError(f"{where}: residual '{key}' has NaN or infinite values")
+        out[key] = value
+    counts = {v.shape[0] for v in out.values()}
+    if len(counts) != 1:
+        raise InputError(f"{where}: the encoders' residuals cover different numbers of class tokens")
+    return out
+
+
+def photo_loss(stats: dict[str, Any]) -> tuple[float, float] | None:
+    """(before, after) from the training stats, when they hold both numbers (subjects imported from older files
+    may not)."""
+    pair = stats.get("l_sub_eval_before"), stats.get("l_sub_eval_after")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
+        return float(pair[0]), float(pair[1])
+    return None
+
+
+def validate_meta(meta: Any, where: str) -> dict[str, Any]:
+    required = ("format_version", "name", "class_word", "family", "fingerprint", "created", "steps")
+    check_keys(meta, where, _META_KEYS, required)
+    for key, kind in _META_KEYS.items():
+        if key in meta and (not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool))):
+            raise InputError(f"{where}: '{key}' must be a {kind.__name__}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise InputError(f"{where}: format version {meta['format_version']} is not supported (this Troupe reads "
+                         f"{FORMAT_VERSION})")
+    check_subject_name(meta["name"])
+    if not meta["class_word"].strip() or len(meta["class_word"]) > 100:
+        raise InputError(f"{where}: the class word must be 1–100 characters")
+    if meta["family"] not in FAMILIES:
+        raise InputError(f"{where}: unknown model family '{meta['family']}'")
+    if meta["steps"] < 0:
+        raise InputError(f"{where}: steps must be ≥ 0")
+    try:
+        datetime.fromisoformat(meta["created"])
+    except ValueError as error:
+        raise InputError(f"{where}: 'created' is not an ISO 8601 time") from error
+    for value in meta.get("loss_curve", []):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise InputError(f"{where}: the loss curve must hold finite numbers")
+    for key in ("photos", "masks"):
+        for file_name in meta.get(key, []):
+            if not isinstance(file_name, str) or Path(file_name).name != file_name or not file_name.endswith(".png"):
+                raise InputError(f"{where}: bad file name in '{key}': {file_name!r}")
+    return meta
+
+
+def to_image(tensor: torch.Tensor, mode: str, where: str) -> Image.Image:
+    ok = tensor.dtype == torch.uint8 and ((mode == "L" and tensor.ndim == 2) or
+                                          (mode == "RGB" and tensor.ndim == 3 and tensor.shape[2] == 3))
+    if not ok or min(tensor.shape[:2]) < 1 or max(tensor.shape[:2]) > 4096:
+        raise InputError(f"{where}: an embedded image has a bad shape or type")
+    return Image.fromarray(tensor.numpy()).convert(mode)
+
+
+def fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,100 @@
+"""python -m studio bench: layout quality and speed on the demo world (evals/layout_bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+
+from engines.types import GUIDANCE_ALIASES, GUIDANCE_MODES
+from studio.cli.common import add_model_arguments, print_progress, studio_for
+
+COLUMNS = (("layout_iou", "layout IoU"), ("presence", "presence"),
+           ("recognisable_presence", "presence (recognisable)"), ("colour_accuracy", "colour"),
+           ("category_accuracy", "category"), ("layer_order_accuracy", "layer order"),
+           ("seconds_per_image", "s/image"))
+
+
+def add_parsers(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="score layout guidance on the demo world's seeded layouts",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help="12 layouts instead of 60")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--no-subjects", action="store_true",
+                        help="skip the subject identity part (it registers 1-2 subjects first)")
+    parser.add_argument("--held-out", action="store_true",
+                        help="score 60 other layouts, on which no default was ever chosen (seeds from 6,000,000)")
+    # SUPPRESS: these defaults depend on other options, so the help says them instead of "(default: None)"
+    parser.add_argument("--layouts", type=int, default=argparse.SUPPRESS,
+                        help="how many layouts (default: 60, 12 with --quick)")
+    parser.add_argument("--first-seed", type=int, default=argparse.SUPPRESS,
+                        help="take the layouts from this scene seed on (default: the bench's, 5,000,000)")
+    parser.add_argument("--modes", default=argparse.SUPPRESS,
+                        help=f"comma-separated guidance modes to score: {', '.join(GUIDANCE_MODES)} (default: all; "
+                             "the older names none and cones2-public still work)")
+    parser.add_argument("--json", default=None, help="also write the full report here")
+    parser.set_defaults(func=run)
+
+
+def markdown_table(report: dict) -> str:
+    lines = [f"| guidance | objects | layouts | {' | '.join(title for _, title in COLUMNS)} |",
+             "|" + "---|" * (3 + len(COLUMNS))]
+    for mode, groups in report["modes"].items():
+        for group, metrics in groups.items():
+            if group == "all":
+                continue
+            cells = ["–" if metrics[key] is None else f"{metrics[key]:.2f}" for key, _ in COLUMNS]
+            lines.append(f"| {mode_title(mode)} | {group.split()[0]} | {metrics['layouts']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def mode_title(name: str) -> str:
+    """A guidance mode's title as the README's tables show it; the ceiling rows are named as they are."""
+    mode = GUIDANCE_MODES.get(GUIDANCE_ALIASES.get(name, name))
+    return mode.title if mode else name
+
+
+def subjects_table(report: dict) -> str:
+    lines = ["| prompt names | compositions | subject IoU | presence | identity (pattern + 2nd colour) | s/image |",
+             "|---|---|---|---|---|---|"]
+    for row, metrics in report["rows"].items():
+        lines.append(f"| {row} | {metrics['compositions']} | {metrics['subject_iou']:.2f} | {metrics['presence']:.2f} "
+                     f"| {metrics['identity']:.2f} | {metrics['seconds_per_image']:.2f} |")
+    return "\n".join(lines)
+
+
+def bench_options(args: argparse.Namespace):
+    """The one place where the bench options become evals.layout_bench.BenchOptions."""
+    from evals.common import BenchOptions
+
+    chosen = {key: getattr(args, key) for key in ("layouts", "first_seed") if hasattr(args, key)}
+    if hasattr(args, "modes"):
+        chosen["modes"] = tuple(mode.strip() for mode in args.modes.split(","))
+    return BenchOptions(quick=args.quick, steps=args.steps, cfg=args.cfg, subjects=not args.no_subjects,
+                        held_out=args.held_out, **chosen)
+
+
+def run(args: argparse.Namespace) -> int:
+    from evals.layout_bench import run_bench
+    from evals.subject_bench import run_subject_bench
+
+    options, studio = bench_options(args), studio_for(args)
+    progress = partial(print_progress, unit="image")
+    report = run_bench(studio, options, on_progress=progress)
+    if options.subjects:
+        report["subjects"] = run_subject_bench(studio, options, on_progress=progress)
+    print(f"model {report['model']} ({report['family']}), {report['cases']} layouts ({report['layouts']}), "
+          f"{report['steps']} steps, CFG {report['cfg']}")
+    print(markdown_table(report))
+    if "subjects" in report:
+        subjects = report["subjects"]
+        print(f"\nsubjects {', '.join(subjects['subjects'])}: registered from {subjects['photos']} photos each "
+              f"({subjects['preset']} preset, {subjects['registration_seconds']:.0f} s each), Troupe guidance")
+        print(subjects_table(subjects))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0

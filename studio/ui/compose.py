@@ -1,0 +1,304 @@
+"""The Compose tab: pick a relation, lay out regions on the canvas, set up the image, generate, reuse, save, open.
+
+API endpoints: /generate and /save_project (GenerateForm's fields by name), /stop, /apply_relation, /add_region,
+/open_png and /open_project (both fill GenerateForm's widgets).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import PngImagePlugin
+
+from engines.types import LIMITS, SCHEDULERS, Cancelled, GenerateRequest, GenerateResult, InputError, SubjectInfo
+from studio.ui.canvas import (
+    add_region,
+    canvas_component,
+    cleared,
+    empty_canvas,
+    layout_to_canvas,
+    size_of,
+    with_size,
+    with_suggestions,
+)
+from studio.ui.forms import GenerateForm, form_handler, parse_size, size_choices, with_choice
+from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu, stream
+from studio.ui.views import idle_html, progress_html
+
+STRENGTH_MAX = 0.3  # the slider's range; above it the boxes overpower the prompt (the engine accepts any ≥ 0)
+
+
+def subject_labels(subjects: Iterable[SubjectInfo]) -> list[str]:
+    """How subjects are written in prompts and region labels: `<name>`."""
+    return [f"<{s.name}>" for s in subjects]
+
+
+def generate_seconds(request: Any, *values: Any) -> float:
+    """ZeroGPU duration of a /generate call, from the same arguments (steps × images; box fitting costs ~3×)."""
+    form = GenerateForm.from_values(values)
+    fitting = 3.0 if form.fit_boxes else 1.0  # box fitting: a forward and backward per early step
+    return min(120.0, 10.0 + 0.6 * float(form.steps or 20) * float(form.images or 1) * fitting)
+
+
+class ComposeTab:
+    """The widgets of the Compose tab and their handlers; `form` holds GenerateForm's widgets by field name."""
+
+    def __init__(self, sessions: Sessions, gpu: GpuWrapper | None, native: int, subjects: list[SubjectInfo]):
+        self.sessions, self.gpu, self.native = sessions, gpu, native
+        self.relations = sessions.studio.relations()
+        self.form: dict[str, Any] = {}
+        with gr.Tab("Compose", id="compose", elem_id="tab-compose"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=6, min_width=480):
+                    self._relation_card()
+                    self._canvas_card(native, subjects)
+                    self._settings_card(native)
+                with gr.Column(scale=5, min_width=380):
+                    self._prompt_column()
+            self.selected_result = gr.State(None)
+        self.canvas = self.form["canvas"]
+        self.size = self.form["size"]
+
+    # ------------------------------------------------------------------------------------------ widgets
+    def _relation_card(self) -> None:
+        with gr.Group(elem_classes="tr-card"):
+            gr.Markdown("**Relation** — pick how your subjects relate; it fills the prompt and proposes boxes you "
+                        "can move.", elem_classes="tr-hint")
+            with gr.Row():
+                choices = [("— none —", "")] + [(r.template.format(a="A", b="B"), r.name)
+                                                 for r in self.relations.values()]
+                self.form["relation"] = gr.Dropdown(choices, value=GenerateForm.relation, label="Relation",
+                                                    elem_id="relation", scale=3)
+                self.slot_a = gr.Dropdown([], value=None, label="Subject A", allow_custom_value=True,
+                                          elem_id="relation-a", scale=2, info="a <subject> or words")
+                self.slot_b = gr.Dropdown([], value=None, label="Subject B", allow_custom_value=True,
+                                          elem_id="relation-b", scale=2)
+                self.scene = gr.Textbox("", label="Scene", placeholder="on the beach", elem_id="scene", scale=3)
+
+    def _canvas_card(self, native: int, subjects: list[SubjectInfo]) -> None:
+        with gr.Group(elem_classes="tr-card"):
+            self.form["canvas"] = canvas_component(empty_canvas(native, native, subject_labels(subjects)))
+            with gr.Row(elem_classes="tr-add-row"):
+                gr.HTML('<span class="tr-add-label">Add a region</span>', scale=0, min_width=90,
+                        elem_classes="tr-add-label-wrap")
+                self.add_label = gr.Dropdown([], value=None, allow_custom_value=True, show_label=False,
+                                             container=False, scale=4, elem_id="add-region-label", interactive=True)
+                self.add_btn = gr.Button("+ Add region", size="sm", scale=1, min_width=90, elem_id="add-region-btn")
+                self.clear_btn = gr.Button("Clear", size="sm", scale=0, min_width=70, variant="secondary",
+                                           elem_id="clear-canvas-btn")
+
+    def _settings_card(self, native: int) -> None:
+        form, defaults = self.form, GenerateForm()
+        with gr.Accordion("Settings for this image", open=True, elem_classes="tr-card"):
+            with gr.Row():
+                form["seed"] = gr.Number(value=defaults.seed, precision=0, label="Seed", elem_id="seed", minimum=0)
+                form["random_seed"] = gr.Checkbox(value=defaults.random_seed, label="Random seed",
+                                                  elem_id="random-seed")
+                form["size"] = gr.Dropdown(size_choices(native), value=defaults.size, label="Size", elem_id="size",
+                                           allow_custom_value=True)
+            with gr.Row():
+                form["steps"] = gr.Slider(1, LIMITS.steps, value=defaults.steps, step=1, label="Steps",
+                                          elem_id="steps")
+                form["cfg"] = gr.Slider(0, LIMITS.cfg, value=defaults.cfg, step=0.5, label="CFG", elem_id="cfg")
+            with gr.Row():
+                form["sampler"] = gr.Dropdown([(s.title, key) for key, s in SCHEDULERS.items()],
+                                              value=defaults.sampler, label="Sampler", elem_id="sampler")
+                form["images"] = gr.Slider(1, LIMITS.images, value=defaults.images, step=1, label="Images",
+                                           elem_id="num-images")
+                form["layout_strength"] = gr.Slider(0, STRENGTH_MAX, value=defaults.layout_strength, step=0.01,
+                                                    label="Layout strength", elem_id="guidance-strength",
+                                                    info="0 = regions off")
+            form["fit_boxes"] = gr.Checkbox(value=defaults.fit_boxes, label="Fit objects to their boxes",
+                                            elem_id="fit-boxes", info="draws objects at their boxes' size; 2-4x slower")
+
+    def _prompt_column(self) -> None:
+        self.form["prompt"] = gr.Textbox(GenerateForm.prompt, label="Prompt", lines=3, elem_id="prompt",
+                                         placeholder="a photo of <rex> hugging <milo> on the beach — <name> is a "
+                                                     "registered subject; region words must appear here")
+        self.form["negative_prompt"] = gr.Textbox(GenerateForm.negative_prompt, label="Negative prompt", lines=1,
+                                                  elem_id="negative-prompt", placeholder="blurry, low quality")
+        with gr.Row():
+            self.generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
+            self.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
+        self.status = gr.HTML(idle_html("Ready."), elem_id="gen-status")
+        self.results = gr.Gallery(label="Results (live preview while generating)", format="png", columns=2,
+                                  height=380, elem_id="result-gallery", interactive=False, object_fit="contain",
+                                  buttons=["download", "fullscreen"])
+        with gr.Accordion("Reuse · save · open", open=True, elem_classes="tr-card"):
+            with gr.Row():
+                self.reuse_btn = gr.Button("Reuse settings of selected result", size="sm", elem_id="reuse-btn")
+                self.png_in = gr.UploadButton("Open a Troupe PNG", file_types=[".png"], size="sm",
+                                              elem_id="open-png")
+            with gr.Row():
+                self.save_btn = gr.Button("Save project", size="sm", elem_id="save-project")
+                self.project_in = gr.UploadButton("Open project", file_types=[".json"], size="sm",
+                                                  elem_id="open-project")
+            self.project_file = gr.File(label="Project file", interactive=False, visible=False,
+                                        elem_id="project-file")
+
+    # ------------------------------------------------------------------------------------------ events
+    def wire(self) -> None:
+        self._wire_canvas()
+        self._wire_generation()
+        self._wire_files()
+
+    def _wire_canvas(self) -> None:
+        relation = self.form["relation"]
+        inputs = [relation, self.slot_a, self.slot_b, self.scene, self.canvas]
+        outputs = [self.slot_b, self.form["prompt"], self.canvas]
+        relation.change(self.relation_picked, relation, [self.scene, self.slot_b], queue=False, **QUIET).then(
+            guarded(self.apply_relation), inputs, outputs, api_name="apply_relation", show_progress="hidden")
+        for trigger in (self.slot_a.change, self.slot_b.change, self.scene.submit):
+            trigger(guarded(self.apply_relation), inputs, outputs, **QUIET)
+        self.add_btn.click(guarded(self.new_region), [self.canvas, self.add_label], [self.canvas, self.add_label],
+                           api_name="add_region", show_progress="hidden")
+        self.clear_btn.click(guarded(cleared), self.canvas, self.canvas, **QUIET)
+        self.size.change(guarded(self.resize_canvas), [self.size, self.canvas], self.canvas, **QUIET)
+
+    def _wire_generation(self) -> None:
+        inputs = GenerateForm.widgets_in_order(self.form)
+        generate = on_gpu(self.gpu, form_handler(GenerateForm, guarded(self.generate)), generate_seconds)
+        self.generate_btn.click(generate, inputs, [self.status, self.results], api_name="generate",
+                                show_progress="minimal", show_progress_on=self.status, **ON_GPU)
+        self.form["prompt"].submit(generate, inputs, [self.status, self.results], api_visibility="undocumented",
+                                   show_progress="minimal", show_progress_on=self.status, **ON_GPU)
+        self.stop_btn.click(self.stop, None, None, queue=False, api_name="stop", show_progress="hidden")
+        self.results.select(self.result_selected, None, self.selected_result, **QUIET)
+
+    def _wire_files(self) -> None:
+        widgets = GenerateForm.widgets_in_order(self.form)
+        self.reuse_btn.click(guarded(self.reuse), self.selected_result, widgets, **QUIET)
+        self.png_in.upload(guarded(self.open_png), self.png_in, widgets, api_name="open_png", show_progress="hidden")
+        self.save_btn.click(form_handler(GenerateForm, guarded(self.save_project)), widgets, self.project_file,
+                            api_name="save_project", show_progress="hidden")
+        self.project_in.upload(guarded(self.open_project), self.project_in, widgets, api_name="open_project",
+                               show_progress="hidden")
+
+    # ------------------------------------------------------------------------------------------ handlers
+    def relation_picked(self, relation: str | None) -> tuple[Any, Any]:
+        """A relation was picked: suggest its scene; a one-subject relation hides Subject B."""
+        chosen = self.relations.get(relation or "")
+        return gr.update(value=chosen.scene if chosen else ""), gr.update(visible=not chosen or chosen.arity == 2)
+
+    def apply_relation(self, relation: str | None, subject_a: str | None, subject_b: str | None, scene: str | None,
+                       canvas: str, request: gr.Request) -> tuple[Any, Any, Any]:
+        """Fill the prompt and propose boxes once every slot of the relation is filled: (slot B, prompt, canvas)."""
+        chosen = self.relations.get(relation or "")
+        slot_b = gr.update(visible=not chosen or chosen.arity == 2)
+        participants = [str(p or "").strip() for p in (subject_a, subject_b)[: chosen.arity]] if chosen else []
+        if not chosen or not all(participants):
+            return slot_b, gr.skip(), gr.skip()
+        studio = self.sessions.studio_for(request)
+        prompt, layout = studio.apply_relation(chosen.name, participants, scene or "")
+        width, height = size_of(canvas)
+        return slot_b, prompt, layout_to_canvas(layout, width, height, subject_labels(studio.subjects()))
+
+    def new_region(self, canvas: str, label: str | None) -> tuple[str, Any]:
+        """A new region in front, labelled with a `<subject>` or words; the label picker empties."""
+        return add_region(canvas, label or ""), gr.update(value=None)
+
+    def resize_canvas(self, size: str, canvas: str) -> str:
+        width, height = parse_size(size)
+        native = self.sessions.native_size(self.native)
+        return with_size(canvas, width or native, height or native)
+
+    def subject_widgets(self) -> tuple[Any, ...]:
+        return self.slot_a, self.slot_b, self.add_label, self.canvas
+
+    def show_subjects(self, subjects: list[SubjectInfo], canvas: str) -> dict[Any, Any]:
+        """The library changed (or the page loaded): every `<subject>` picker and the canvas suggestions."""
+        labels = subject_labels(subjects)
+        pickers = {picker: gr.update(choices=labels) for picker in (self.slot_a, self.slot_b, self.add_label)}
+        return {**pickers, self.canvas: with_suggestions(canvas, labels)}
+
+    def generate(self, form: GenerateForm, request: gr.Request) -> Iterator[tuple[Any, Any]]:
+        """Stream (status, results): previews while running, then the PNGs. Bad input: one message, no change."""
+        wanted = form.to_request(self.sessions.class_words(request))
+        studio = self.sessions.studio_for(request)
+        cancel = self.sessions.cancel_flag(request, "generate", fresh=True)
+        yield progress_html("Starting…", extra="waiting for the model"), gr.skip()
+        try:
+            for kind, item in stream(lambda on_step, flag: studio.generate(wanted, on_step, flag), cancel):
+                if kind == "progress":
+                    yield progress_html("Generating", item), [item.preview] if item.preview is not None else gr.skip()
+                else:
+                    yield finished(item, self.sessions.outputs(request))
+        except Cancelled:
+            yield idle_html("Stopped — nothing was changed."), gr.skip()
+
+    def stop(self, request: gr.Request) -> None:
+        self.sessions.cancel_flag(request, "generate").set()
+
+    def result_selected(self, event: gr.SelectData) -> str | None:
+        """The path of the clicked result (for "Reuse settings")."""
+        value = event.value or {}
+        image = value.get("image") if isinstance(value, dict) else None
+        return image.get("path") if isinstance(image, dict) else None
+
+    def reuse(self, path: str | None, request: gr.Request) -> tuple[Any, ...]:
+        if not path:
+            raise InputError("click a result first, then reuse its settings")
+        return self._apply(self.sessions.studio_for(request).read_request(path), request)
+
+    def open_png(self, file: Any, request: gr.Request) -> tuple[Any, ...]:
+        path = getattr(file, "name", file)
+        if not path or Path(path).suffix.lower() != ".png":
+            raise InputError("open a PNG made by Troupe")
+        return self._apply(self.sessions.studio_for(request).read_request(path), request)
+
+    def save_project(self, form: GenerateForm, request: gr.Request) -> Any:
+        """The composition as a .troupe.json (offered as a download)."""
+        studio = self.sessions.studio_for(request)
+        width, height = size_of(form.canvas)
+        path = studio.save_project(form.to_request(self.sessions.class_words(request)), width, height,
+                                   self.sessions.outputs(request) / "projects")
+        return gr.update(value=str(path), visible=True)
+
+    def open_project(self, file: Any, request: gr.Request) -> tuple[Any, ...]:
+        path = getattr(file, "name", file)
+        if not path:
+            raise InputError("choose a project file (.json)")
+        project = self.sessions.studio.read_project(path)
+        missing = sorted(set(project.subjects) - set(self.sessions.class_words(request)))
+        if missing:
+            gr.Warning("This project names subjects you have not registered: "
+                       + ", ".join(f"<{m}>" for m in missing) + ". Import them before generating.")
+        return self._apply(project.request, request, project.width, project.height)
+
+    def _apply(self, wanted: GenerateRequest, request: gr.Request, width: int | None = None,
+               height: int | None = None) -> tuple[Any, ...]:
+        """A request back into GenerateForm's widgets; the canvas keeps a project's own size."""
+        native = self.sessions.native_size(self.native)
+        width, height = width or wanted.width or native, height or wanted.height or native
+        canvas = layout_to_canvas(wanted.layout, width, height, subject_labels(self.sessions.subjects(request)))
+        form = GenerateForm.from_request(wanted, canvas, self.relations)
+        size = gr.update(choices=with_choice(size_choices(native), form.size), value=form.size)
+        return form.as_outputs(size=size)
+
+
+def finished(result: GenerateResult, folder: Path) -> tuple[str, list[str]]:
+    """The last update of a generation: "Done" with the seeds, and the saved PNGs in the gallery."""
+    paths = save_pngs(result.images, result.metadata, folder)
+    seeds = ", ".join(str(s) for s in result.seeds)
+    took = result.timings.get("total", 0.0)
+    return progress_html("Done", extra=f"seed {seeds} · {took:.1f}s", state="done"), paths
+
+
+def save_pngs(images: tuple, metadata: tuple, folder: Path) -> list[str]:
+    """Write each image with its text chunks, so downloads and "Reuse settings" keep the whole request."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for index, (image, chunks) in enumerate(zip(images, metadata)):
+        info = PngImagePlugin.PngInfo()
+        for key, value in (chunks or image.info or {}).items():
+            if isinstance(value, str):
+                info.add_text(key, value)
+        path = folder / f"troupe-{stamp}-{index + 1}.png"
+        image.save(path, format="PNG", pnginfo=info)
+        paths.append(str(path))
+    return paths

@@ -1,0 +1,187 @@
+"""How the studio's handlers run: readable errors, streamed jobs with cancel, per-session state, ZeroGPU.
+
+- A handler's bad input is an InputError; `guarded` shows it as one readable line and nothing changes. A real bug
+  shows its type and message, and its traceback goes to the server log only.
+- `stream` runs a GPU job (generation, registration) in a thread and yields its progress, coalesced to the latest
+  step, so a slow browser never lags behind the job; the job is cancelled between two steps when asked (Stop) or
+  when the browser goes away.
+- `Sessions` keeps what cannot live in gr.State: cancel flags and, on a Space, every visitor's own library.
+- `on_gpu` wraps a GPU handler with ZeroGPU's `spaces.GPU` and a duration computed from the same inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from engines.types import InputError, StepProgress, SubjectInfo
+
+if TYPE_CHECKING:
+    from engines.service import Studio
+
+log = logging.getLogger(__name__)
+# (handler, seconds(*handler args)) -> the handler run on a GPU: spaces.GPU(duration=seconds) on a ZeroGPU Space
+GpuWrapper = Callable[[Callable, Callable[..., float]], Callable]
+ON_GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}  # generate, register and load share one GPU queue
+QUIET = {"api_visibility": "undocumented", "show_progress": "hidden"}  # events that are UI plumbing, not the API
+Work = Callable[[Callable[[StepProgress], None], threading.Event], Any]  # work(on_progress, cancel) -> result
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def readable(error: BaseException) -> gr.Error:
+    """A readable message for the person; the traceback (for a real bug) goes to the server log only."""
+    if isinstance(error, gr.Error):
+        return error
+    if isinstance(error, InputError):
+        return gr.Error(str(error), title="Check your input", print_exception=False)
+    if isinstance(error, FileNotFoundError):
+        return gr.Error(f"file not found: {error.filename or error}", title="Check your input", print_exception=False)
+    log.exception("unexpected error in a studio handler")
+    return gr.Error(f"{type(error).__name__}: {error}", title="Something went wrong", print_exception=False)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Every error of `fn` (a plain or a streaming handler) becomes one readable message.
+
+    functools.wraps keeps `__wrapped__`, through which Gradio reads the signature: the parameter names (the API's)
+    and the gr.Request annotation it fills in."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streaming(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - every error becomes one readable line
+                raise readable(error) from None
+        return streaming
+
+    @functools.wraps(fn)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - every error becomes one readable line
+            raise readable(error) from None
+    return plain
+
+
+def on_gpu(gpu: GpuWrapper | None, handler: Callable, seconds: Callable[..., float]) -> Callable:
+    """The handler as a ZeroGPU job (outside a Space, `gpu` is None and the handler runs as it is)."""
+    return gpu(handler, seconds) if gpu else handler
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+def stream(work: Work, cancel: threading.Event) -> Iterator[tuple[str, Any]]:
+    """Run `work(on_progress, cancel)` in a thread; yield ("progress", StepProgress) … then ("done", result).
+
+    Progress is coalesced to the latest step. If the consumer goes away (the tab closes, Gradio stops iterating),
+    the `finally` sets `cancel`, and the job stops between two steps."""
+    events: queue.Queue = queue.Queue()
+
+    def run() -> None:
+        try:
+            events.put(("done", work(lambda progress: events.put(("progress", progress)), cancel)))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            events.put(("error", error))
+
+    thread = threading.Thread(target=run, name="troupe-job", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = events.get()
+            while kind == "progress" and not events.empty():  # skip to the latest step, but never past the end
+                newer = events.get()
+                if newer[0] != "progress":
+                    yield kind, item
+                kind, item = newer
+            if kind == "error":
+                raise item
+            yield kind, item
+            if kind == "done":
+                return
+    finally:
+        if thread.is_alive():
+            cancel.set()
+
+
+# ------------------------------------------------------------------------------------------------ sessions
+def session_of(request: gr.Request | None) -> str:
+    """The browser session's id ("local" for calls without one)."""
+    return (getattr(request, "session_hash", None) or "local") if request is not None else "local"
+
+
+def _folder_name(session: str) -> str:
+    return hashlib.sha256(session.encode()).hexdigest()[:24]  # never the raw id in a path
+
+
+@dataclass
+class Sessions:
+    """Per-browser-session state that cannot live in gr.State: cancel flags and (on a Space) subject libraries."""
+
+    studio: Studio
+    per_user_root: Path | None = None  # set on a Space: every session gets a private library under it
+    outputs_dir: Path | None = None  # where a desktop keeps images and projects
+    cancels: dict[tuple[str, str], threading.Event] = field(default_factory=dict)
+    studios: dict[str, Studio] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def studio_for(self, request: gr.Request | None) -> Studio:
+        """The shared studio, or (per-user mode) a view of it whose library is this session's own folder."""
+        if self.per_user_root is None:
+            return self.studio
+        session = session_of(request)
+        with self.lock:
+            if session not in self.studios:
+                self.studios[session] = self.studio.with_library(self.per_user_root / _folder_name(session))
+            return self.studios[session]
+
+    def subjects(self, request: gr.Request | None) -> list[SubjectInfo]:
+        return self.studio_for(request).subjects()
+
+    def class_words(self, request: gr.Request | None) -> dict[str, str]:
+        return {s.name: s.class_word for s in self.subjects(request)}
+
+    def cancel_flag(self, request: gr.Request | None, kind: str, fresh: bool = False) -> threading.Event:
+        """The flag that stops this session's job of `kind` ("generate", "register"); `fresh` for a new job."""
+        key = (session_of(request), kind)
+        with self.lock:
+            if fresh or key not in self.cancels:
+                self.cancels[key] = threading.Event()
+            return self.cancels[key]
+
+    def forget(self, request: gr.Request | None) -> None:
+        """The tab closed: stop its jobs, drop its outputs and (per-user mode) its private library."""
+        session = session_of(request)
+        with self.lock:
+            for key in [k for k in self.cancels if k[0] == session]:
+                self.cancels.pop(key).set()
+            view = self.studios.pop(session, None)
+        if self.per_user_root is None:
+            return  # a desktop keeps its outputs
+        folders = [self.outputs(request)] + ([Path(view.library_dir)] if view is not None else [])
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def outputs(self, request: gr.Request | None) -> Path:
+        """Where this session's images, projects and exports go: a persistent folder on a desktop, a private
+        temporary one per visitor on a Space."""
+        if self.per_user_root is None and self.outputs_dir is not None:
+            return self.outputs_dir
+        return Path(tempfile.gettempdir()) / "troupe-outputs" / _folder_name(session_of(request))
+
+    def native_size(self, fallback: int = 512) -> int:
+        """The loaded model's native image side; `fallback` while it cannot load (the Settings tab says why)."""
+        try:
+            return int(self.studio.model_info().get("native_size") or fallback)
+        except Exception:  # noqa: BLE001 - a size picker must not fail because the model is missing
+            return fallback

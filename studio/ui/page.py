@@ -1,0 +1,109 @@
+"""The studio page: a header, the three tabs and what ties them together; and serving it.
+
+`build_ui(studio)` is a factory, so tests pass a tiny-model Studio. The tabs talk to the engines only through
+engines.service.Studio and the dataclasses of engines.types.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from engines.types import InputError, ModelSpec, SubjectInfo
+from studio.ui.compose import ComposeTab
+from studio.ui.jobs import QUIET, GpuWrapper, Sessions
+from studio.ui.settings import SettingsTab
+from studio.ui.subjects import SubjectsTab
+from studio.ui.views import model_badge
+
+if TYPE_CHECKING:
+    from engines.service import Studio
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def launch_options() -> dict[str, Any]:
+    """Theme and CSS: in Gradio 6 they are arguments of `launch()`."""
+    theme = gr.themes.Soft(primary_hue="orange", secondary_hue="slate", neutral_hue="slate",
+                           font=["Inter", "ui-sans-serif", "system-ui", "sans-serif"],
+                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+    return {"theme": theme, "css": (STATIC / "studio.css").read_text()}
+
+
+def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu: GpuWrapper | None = None,
+             allow_model_switch: bool = True, outputs_dir: str | Path | None = "outputs",
+             title: str = "Troupe Studio") -> gr.Blocks:
+    """The whole studio as a gr.Blocks. `per_user_library`: a root folder under which every browser session gets
+    its own subject library (Spaces). `gpu`: wraps the GPU handlers (spaces.GPU) with a duration from the inputs."""
+    sessions = Sessions(studio, Path(per_user_library) if per_user_library else None,
+                        Path(outputs_dir).expanduser().resolve() if outputs_dir else None)
+    allow_model_switch = allow_model_switch and not per_user_library  # the visitors' views share one model
+    info = _model_info(studio)
+    native = int(info.get("native_size") or 512)
+    subjects = [] if per_user_library else studio.subjects()  # per-visitor lists arrive with the page load
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        with gr.Row(elem_classes="tr-header"):
+            gr.HTML('<div class="tr-title"><span class="tr-logo">◐</span> Troupe Studio'
+                    '<small>your subjects, together — layout, layers, relations</small></div>')
+            badge = gr.HTML(model_badge(info), elem_classes="tr-badge-wrap")
+        with gr.Tabs(elem_id="tabs") as tabs:
+            compose = ComposeTab(sessions, gpu, native, subjects)
+            library = SubjectsTab(sessions, gpu, subjects)
+            settings = SettingsTab(sessions, gpu, info, allow_model_switch)
+        subject_lists = SubjectLists(sessions, compose, library)
+        compose.wire()
+        library.wire(subject_lists.refresh_after, compose.canvas, tabs)
+        settings.wire(badge, compose.size)
+        subject_lists.refresh_after(demo.load)  # every page load: this session's subjects (a Space's are private)
+        demo.unload(sessions.forget)
+    return demo
+
+
+def _model_info(studio: Studio) -> dict[str, Any]:
+    """What the header and the Settings tab show; the UI still opens when the model cannot load, and says why."""
+    try:
+        return studio.model_info()
+    except Exception as error:  # noqa: BLE001 - shown in the Settings tab instead
+        log.warning("model not loaded yet: %s", error)
+        return {"source": studio.model_spec.source, "family": "?", "native_size": 512, "device": "?",
+                "status": f"not loaded: {error}"}
+
+
+class SubjectLists:
+    """Every widget that lists subjects, in both tabs, refreshed together for this browser session."""
+
+    def __init__(self, sessions: Sessions, compose: ComposeTab, library: SubjectsTab):
+        self.sessions, self.compose, self.library = sessions, compose, library
+
+    def refresh(self, canvas: str, request: gr.Request) -> dict[Any, Any]:
+        subjects: list[SubjectInfo] = self.sessions.subjects(request)
+        return {**self.compose.show_subjects(subjects, canvas), **self.library.show_subjects(subjects)}
+
+    def refresh_after(self, chain: Any) -> Any:
+        """`chain` is an event's `.then`/`.success` (after a library change) or `demo.load`."""
+        outputs = {*self.compose.subject_widgets(), *self.library.subject_widgets()}
+        return chain(self.refresh, self.compose.canvas, outputs, **QUIET)
+
+
+def make_studio(model: str, library: str | None = None, vram: str | None = None) -> Studio:
+    """The Studio for `--model`, `--library` and `--vram` (a machine preset of presets/vram.json)."""
+    from engines.service import Studio  # torch-free to import; the model loads on first use
+
+    spec = ModelSpec(source=model)
+    if vram:
+        presets = Studio.vram_presets()
+        if vram not in presets:
+            raise InputError(f"unknown machine preset '{vram}' (choose from {', '.join(presets)})")
+        spec = presets[vram].spec(model)
+    return Studio(spec, library)
+
+
+def serve(demo: gr.Blocks, host: str | None = "127.0.0.1", port: int | None = 7860, share: bool = False,
+          **kwargs: Any) -> Any:
+    """One GPU job at a time across the app (plus the shared "gpu" queue for generate/register/load)."""
+    return demo.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, share=share,
+                                                          **launch_options(), **kwargs)

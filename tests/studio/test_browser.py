@@ -1,0 +1,205 @@
+"""The real studio in headless Chromium (Debian's /usr/bin/chromium, Playwright's sync API), tiny SD 1.5 model.
+
+One walk through the studio, as a person would: a bad upload shows a readable message; register two subjects from
+photo files; draw two boxes with the mouse and name them; reorder the layers; pick a relation (it fills the prompt
+and proposes boxes), move a proposed box; generate and see the image, whose PNG carries the moved box.
+Screenshots go to artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.tiny_models import subject_photos
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def app_url(served_studio):
+    return served_studio[1]
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(app_url)
+        page.wait_for_selector("#canvas .tc-stage")
+        yield page
+        browser.close()
+
+
+def _drag(page, stage, start, end, shift: bool = False):
+    bb = stage.bounding_box()
+    page.mouse.move(bb["x"] + start[0] * bb["width"], bb["y"] + start[1] * bb["height"])
+    if shift:
+        page.keyboard.down("Shift")
+    page.mouse.down()
+    page.mouse.move(bb["x"] + end[0] * bb["width"], bb["y"] + end[1] * bb["height"], steps=8)
+    page.mouse.up()
+    if shift:
+        page.keyboard.up("Shift")
+
+
+def _row_labels(page) -> list[str]:
+    """Layer list, front first."""
+    return page.locator("#layer-list .tc-row input").evaluate_all("els => els.map(e => e.value)")
+
+
+def _pick(page, elem_id: str, text: str, custom: bool = False):
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    box.fill(text)
+    if custom:
+        box.press("Enter")
+        box.press("Tab")
+    else:
+        page.locator("[role=option]", has_text=text).first.click()
+
+
+def test_walk_through_the_studio(page, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect = sync_api.expect
+
+    # --- Subjects: a bad upload is one readable message, then a real registration
+    page.get_by_role("tab", name="Subjects").click()
+    page.locator("#register-btn").click()
+    expect(page.get_by_text("drop 1–10 photos of the subject first").first).to_be_visible()
+    page.locator("#subject-photos input[type=file]").set_input_files(subject_photos(tmp_path, "rex"))
+    expect(page.locator("#subject-photos")).to_contain_text(re.compile(r"rex2\s*\.png"))
+    page.locator("#subject-name input, #subject-name textarea").first.fill("rex")
+    _pick(page, "subject-class", "ball", custom=True)
+    page.get_by_role("radio", name="quick").check()
+    page.locator("#register-btn").click()
+    expect(page.locator("#register-status")).to_contain_text("is ready", timeout=90_000)
+    expect(page.locator("#subject-gallery")).to_contain_text("<rex>")
+    # a second subject, so two registered subjects can be placed together
+    page.locator("#subject-photos input[type=file]").set_input_files(subject_photos(tmp_path, "rex"))
+    page.locator("#subject-name input, #subject-name textarea").first.fill("milo")
+    _pick(page, "subject-class", "box", custom=True)
+    page.locator("#register-btn").click()
+    expect(page.locator("#register-status")).to_contain_text("milo", timeout=90_000)
+    expect(page.locator("#register-status")).to_contain_text("is ready", timeout=90_000)
+    expect(page.locator("#subject-gallery")).to_contain_text("<milo>")
+
+    # --- Compose: draw two boxes with the mouse and name them
+    page.get_by_role("tab", name="Compose").click()
+    stage = page.locator("#canvas .tc-stage")
+    _drag(page, stage, (0.08, 0.25), (0.48, 0.85))
+    page.keyboard.type("<rex>")
+    page.keyboard.press("Enter")
+    _drag(page, stage, (0.55, 0.2), (0.92, 0.7))
+    page.keyboard.type("<milo>")
+    page.keyboard.press("Enter")
+    expect(page.locator("#canvas .tc-box")).to_have_count(2)
+    assert _row_labels(page) == ["<milo>", "<rex>"]  # front first
+
+    # a zero-size "box" (a click) draws nothing; a tiny drag says why
+    _drag(page, stage, (0.5, 0.9), (0.505, 0.905))
+    expect(page.locator("#canvas .tc-msg")).to_contain_text("too small")
+    expect(page.locator("#canvas .tc-box")).to_have_count(2)
+
+    # --- reorder layers: bring <rex> to the front
+    page.locator("#layer-list .tc-row").nth(1).locator(".tc-up").click()  # the back row: <rex>
+    assert _row_labels(page) == ["<rex>", "<milo>"]
+    z = page.locator("#canvas .tc-box").evaluate_all("els => els.map(e => [e.innerText, +e.style.zIndex])")
+    assert max(z, key=lambda t: t[1])[0].endswith("<rex>")
+    page.screenshot(path=str(ARTIFACTS / "studio-canvas.png"), full_page=True)
+
+    # --- a relation fills the prompt and proposes boxes; move the proposed box of <rex>
+    _pick(page, "relation", "A next to B")
+    _pick(page, "relation-a", "<rex>", custom=True)
+    _pick(page, "relation-b", "<milo>", custom=True)
+    expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"^<rex> next to <milo>"))
+    expect(page.locator("#canvas .tc-box")).to_have_count(2)
+    rex_box = page.locator("#canvas .tc-box", has_text="<rex>")
+    before = rex_box.bounding_box()
+    bb = stage.bounding_box()
+    _drag(page, stage, ((before["x"] + before["width"] / 2 - bb["x"]) / bb["width"], 0.55),
+          ((before["x"] + before["width"] / 2 - bb["x"]) / bb["width"], 0.45))
+    after = rex_box.bounding_box()
+    assert after["y"] < before["y"] - 0.05 * bb["height"]
+
+    # --- generate, see the image; its PNG carries the moved box
+    page.locator("#steps input[type=number]").fill("3")
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#generate-btn").click()
+    expect(page.locator("#gen-status")).to_contain_text("Done", timeout=60_000)
+    image = page.locator("#result-gallery img").first
+    expect(image).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "studio-generated.png"), full_page=True)
+    png = page.request.get(image.get_attribute("src")).body()
+    (tmp_path / "result.png").write_bytes(png)
+    with Image.open(tmp_path / "result.png") as result:
+        request = json.loads(result.text["troupe"])["request"]
+    regions = {r["subject"] or r["phrase"]: r for r in request["layout"]["regions"]}
+    assert request["relation"] == "next to" and set(regions) == {"rex", "milo"}
+    assert regions["rex"]["box"][1] < 0.3  # next to's default y0 is 0.3: the person's move reached the engine
+
+    # --- bad input in Compose: an empty prompt is a readable message and changes nothing
+    page.locator("#prompt textarea").fill("")
+    page.locator("#generate-btn").click()
+    expect(page.get_by_text("the prompt is empty").first).to_be_visible()
+    expect(page.locator("#gen-status")).to_contain_text("Done")
+    page.screenshot(path=str(ARTIFACTS / "studio-bad-input.png"), full_page=True)
+
+    # --- reuse the settings of a result: the prompt, the seed and the boxes come back
+    page.locator("#result-gallery img").first.click()
+    page.locator("#reuse-btn").click()
+    expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"^<rex> next to <milo>"))
+    expect(page.locator("#random-seed input")).not_to_be_checked()
+    expect(page.locator("#canvas .tc-box")).to_have_count(2)
+
+
+def test_subjects_tab_screenshot(page):
+    """After the walk: the Subjects tab with its card (a picture for the report and for reviewers)."""
+    page.get_by_role("tab", name="Subjects").click()
+    sync_api.expect(page.locator("#subject-gallery")).to_contain_text("<rex>")
+    sync_api.expect(page.locator("#subject-gallery")).to_contain_text("<milo>")
+    page.locator("#subject-gallery img").first.click()  # cards are sorted by name
+    sync_api.expect(page.locator("#subject-detail")).to_contain_text("<milo>")
+    sync_api.expect(page.locator("#subject-detail")).to_contain_text("loss on its photos")  # did it learn?
+    page.screenshot(path=str(ARTIFACTS / "studio-subjects.png"), full_page=True)
+    # "Place on canvas" adds a region for the subject and goes back to the canvas
+    before = page.locator("#canvas .tc-box").count()
+    page.locator("#place-btn").click()
+    sync_api.expect(page.locator("#canvas .tc-box")).to_have_count(before + 1)
+    sync_api.expect(page.locator("#canvas .tc-stage")).to_be_visible()
+
+
+def test_a_non_image_upload_is_a_readable_message(page, tmp_path):
+    page.get_by_role("tab", name="Subjects").click()
+    page.locator("#subject-photos button[aria-label='Clear']").first.click() if page.locator(
+        "#subject-photos button[aria-label='Clear']").count() else None
+    note = tmp_path / "notes.txt"
+    note.write_text("not a photo")
+    page.locator("#subject-photos input[type=file]").set_input_files(str(note))
+    page.locator("#subject-name input, #subject-name textarea").first.fill("nemo")
+    page.locator("#register-btn").click()
+    sync_api.expect(page.get_by_text(re.compile(r"is not an image|Invalid file type")).first).to_be_visible()
+    sync_api.expect(page.locator("#subject-gallery")).not_to_contain_text("<nemo>")
+    page.screenshot(path=str(ARTIFACTS / "studio-bad-upload.png"), full_page=True)
+
+
+def test_settings_machine_preset_fills_the_fields(page):
+    page.get_by_role("tab", name="Model & settings").click()
+    sync_api.expect(page.locator("#model-source textarea, #model-source input").first).to_be_visible()
+    _pick(page, "vram-preset", "8 GB")
+    sync_api.expect(page.locator("#quantization input")).to_have_value("nf4")
+    sync_api.expect(page.locator("#offload input")).to_have_value("model")
+    page.screenshot(path=str(ARTIFACTS / "studio-settings.png"), full_page=True)

@@ -1,0 +1,373 @@
+"""The studio's HTTP API, driven with gradio_client against a real server (tiny SD 1.5 model, CPU)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.tiny_models import subject_photos
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_regions(width: int = 64, height: int = 64, first: str = "red ball", second: str = "blue box") -> str:
+    return json.dumps({"width": width, "height": height, "regions": [
+        {"id": "r1", "label": first, "box": [0.05, 0.3, 0.45, 0.75]},
+        {"id": "r2", "label": second, "box": [0.55, 0.3, 0.95, 0.75]}]})
+
+
+def gen_args(prompt: str, canvas: str, seed: int = 7, random_seed: bool = False, steps: int = 3, images: int = 1,
+             relation: str = "", fit_boxes: bool = False) -> list:
+    # the order of the /generate endpoint: prompt, negative, canvas, relation, seed, random seed, size, steps, cfg,
+    # sampler, number of images, layout strength, fit objects to their boxes
+    return [prompt, "", canvas, relation, seed, random_seed, "native", steps, 7.5, "default", images, 0.08, fit_boxes]
+
+
+@pytest.fixture(scope="module")
+def studio_app(served_studio):
+    return served_studio
+
+
+@pytest.fixture(scope="module")
+def client(studio_app):
+    return Client(studio_app[1], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[str]:
+    return subject_photos(tmp_path_factory.mktemp("photos"), "photo")
+
+
+def _troupe_request(path: str) -> dict:
+    with Image.open(path) as image:
+        chunks = dict(image.text)
+    assert "parameters" in chunks
+    return json.loads(chunks["troupe"])["request"]
+
+
+def test_generate_with_two_regions_returns_pngs_with_metadata(client):
+    status, gallery = client.predict(*gen_args("a red ball next to a blue box", two_regions(), images=2),
+                                     api_name="/generate")
+    assert "Done" in status
+    assert len(gallery) == 2
+    request = _troupe_request(gallery[0]["image"])
+    assert request["prompt"] == "a red ball next to a blue box"
+    regions = request["layout"]["regions"]
+    assert [(r["phrase"], r["layer"]) for r in regions] == [("red ball", 0), ("blue box", 1)]
+    assert regions[0]["box"] == [0.05, 0.3, 0.45, 0.75]
+    seeds = {_troupe_request(item["image"])["seed"] for item in gallery}
+    assert seeds == {7, 8}  # one seed per image, each image reproducible alone
+
+
+def test_fitting_objects_to_their_boxes_is_recorded_and_reused(client):
+    status, gallery = client.predict(*gen_args("a red ball next to a blue box", two_regions(), fit_boxes=True),
+                                     api_name="/generate")
+    assert "Done" in status
+    request = _troupe_request(gallery[0]["image"])
+    assert request["guidance"]["fit_iterations"] > 0
+    widgets = client.predict(handle_file(gallery[0]["image"]), api_name="/open_png")
+    assert widgets[-1] is True  # the checkbox comes back on
+
+
+def test_register_a_subject_then_generate_with_it(client, photos, studio_app):
+    job = client.submit([handle_file(p) for p in photos], "rex", "ball", "quick", api_name="/register")
+    status, cards = job.result(timeout=120)
+    assert "ready" in status
+    assert any("loss" in str(out[0]) and "step" in str(out[0]) for out in job.outputs())  # live step, loss, ETA
+    assert any("<rex>" in (card.get("caption") or "") for card in cards)
+    assert [s.name for s in studio_app[0].subjects()] == ["rex"]
+    # the relation picker fills the prompt and proposes two boxes, the subject bound by name
+    _, prompt, canvas = client.predict("next to", "<rex>", "blue box", "on grass", two_regions(),
+                                       api_name="/apply_relation")
+    assert prompt == "<rex> next to blue box on grass"
+    labels = [r["label"] for r in json.loads(canvas)["regions"]]
+    assert labels == ["<rex>", "blue box"]
+    status, gallery = client.predict(*gen_args(prompt, canvas, relation="next to"), api_name="/generate")
+    request = _troupe_request(gallery[0]["image"])
+    assert request["relation"] == "next to"
+    assert request["layout"]["regions"][0]["subject"] == "rex"
+    assert request["layout"]["regions"][0]["phrase"] == "ball"
+
+
+def test_reuse_settings_from_a_png_and_project_round_trip(client, tmp_path):
+    _, gallery = client.predict(*gen_args("a red ball next to a blue box", two_regions(), seed=11),
+                                api_name="/generate")
+    values = client.predict(handle_file(gallery[0]["image"]), api_name="/open_png")
+    prompt, _, canvas, _, seed, random_seed = values[:6]
+    assert prompt == "a red ball next to a blue box" and seed == 11 and random_seed is False
+    assert [r["label"] for r in json.loads(canvas)["regions"]] == ["red ball", "blue box"]
+    project = client.predict(*gen_args("a red ball next to a blue box", two_regions(), seed=5), api_name="/save_project")
+    path = project["value"] if isinstance(project, dict) and "value" in project else project
+    data = json.loads(Path(path).read_text())
+    assert data["format"] == "troupe-project" and data["request"]["seed"] == 5
+    reopened = client.predict(handle_file(path), api_name="/open_project")
+    assert reopened[0] == "a red ball next to a blue box" and reopened[4] == 5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**data, "colour": "red"}))
+    with pytest.raises(AppError, match="unknown keys colour"):
+        client.predict(handle_file(str(bad)), api_name="/open_project")
+
+
+def test_generate_by_keyword_with_named_parameters(client):
+    """The API names /generate's parameters after the form's fields; left-out ones take the widgets' values."""
+    names = [p["parameter_name"] for p in client.view_api(return_format="dict", print_info=False)[
+        "named_endpoints"]["/generate"]["parameters"]]
+    assert names == ["prompt", "negative_prompt", "canvas", "relation", "seed", "random_seed", "size", "steps", "cfg",
+                     "sampler", "images", "layout_strength", "fit_boxes"]
+    canvas = json.loads(two_regions())
+    canvas["regions"][0]["layer"], canvas["regions"][1]["layer"] = 1, 0  # the red ball in front
+    status, gallery = client.predict(prompt="a red ball next to a blue box", canvas=json.dumps(canvas), seed=3,
+                                     random_seed=False, steps=2, api_name="/generate")
+    assert "Done" in status and len(gallery) == 1
+    request = _troupe_request(gallery[0]["image"])
+    assert (request["seed"], request["steps"], request["negative_prompt"]) == (3, 2, "")
+    assert [(r["phrase"], r["layer"]) for r in request["layout"]["regions"]] == [("red ball", 1), ("blue box", 0)]
+
+
+@pytest.mark.parametrize("prompt, canvas, message", [
+    ("", two_regions(), "prompt is empty"),
+    ("a red ball", json.dumps({"width": 64, "height": 64, "regions": [
+        {"id": "r1", "label": "red ball", "box": [0.3, 0.3, 0.3, 0.6]}]}), "zero size"),
+    ("a red ball", json.dumps({"width": 64, "height": 64, "regions": [
+        {"id": "r1", "label": "", "box": [0.1, 0.1, 0.6, 0.6]}]}), "has no name"),
+    ("<ghost> on grass", two_regions(first="<ghost>"), "no subject named <ghost>"),
+    ("a red ball", "{not json", "not valid JSON"),
+    ("a red ball on grass", two_regions(), "'blue box' is not in the prompt"),
+])
+def test_bad_generation_input_is_one_readable_message(client, prompt, canvas, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*gen_args(prompt, canvas), api_name="/generate")
+
+
+def test_bad_registration_input_is_refused(client, photos, tmp_path, studio_app):
+    note = tmp_path / "notes.txt"
+    note.write_text("not a photo")
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"definitely not a png")
+    before = [s.name for s in studio_app[0].subjects()]
+    with pytest.raises(AppError, match="is not an image|Invalid file type"):
+        client.predict([handle_file(str(note))], "milo", "cat", "quick", api_name="/register")
+    with pytest.raises(AppError, match="not a readable image"):
+        client.predict([handle_file(str(fake))], "milo", "cat", "quick", api_name="/register")
+    with pytest.raises(AppError, match="not allowed"):
+        client.predict([handle_file(photos[0])], "", "cat", "quick", api_name="/register")
+    with pytest.raises(AppError, match="class word is empty"):
+        client.predict([handle_file(photos[0])], "milo", "", "quick", api_name="/register")
+    assert [s.name for s in studio_app[0].subjects()] == before  # nothing changed
+
+
+def test_add_region_and_relation_arity(client):
+    canvas = client.predict(json.dumps({"width": 64, "height": 64, "regions": []}), "a tent",
+                            api_name="/add_region")[0]
+    regions = json.loads(canvas)["regions"]
+    assert [r["label"] for r in regions] == ["a tent"]
+    with pytest.raises(AppError, match="pick a subject or type a phrase"):
+        client.predict(canvas, "", api_name="/add_region")
+    update, prompt, canvas = client.predict("riding a horse", "a knight", None, "", canvas, api_name="/apply_relation")
+    assert prompt == "a knight riding a horse"  # the relation's own scene is only a suggestion in the Scene box
+    assert len(json.loads(canvas)["regions"]) == 1
+
+
+def test_per_user_libraries_are_private(tiny_sd15_dir, tmp_path, photos):
+    """On a Space every browser session has its own subject library: one visitor never sees another's subjects."""
+    import engines.register as register
+    from engines.service import Studio
+    from engines.types import ModelSpec
+    from studio.ui import build_ui, serve
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(register.PRESETS, "quick", replace(register.PRESETS["quick"], steps=4, reg_pool=16,
+                                                       delta_sentences=16, reg_batch=2))
+        studio = Studio(ModelSpec(source=str(tiny_sd15_dir)), tmp_path / "shared")
+        demo = build_ui(studio, per_user_library=tmp_path / "visitors", allow_model_switch=False)
+        _, url, _ = serve(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+            alice.predict([handle_file(photos[0])], "rex", "ball", "quick", api_name="/register")
+            _, prompt, _ = alice.predict("next to", "<rex>", "blue box", "", two_regions(), api_name="/apply_relation")
+            assert prompt == "<rex> next to blue box"
+            with pytest.raises(AppError, match="no subject named <rex>"):
+                bob.predict("next to", "<rex>", "blue box", "", two_regions(), api_name="/apply_relation")
+            assert studio.subjects() == []  # nothing landed in the shared library
+            with pytest.raises(AppError, match="fixed"):
+                bob.predict("demo", "auto", "auto", "none", "none", api_name="/load_model")
+        finally:
+            demo.close()
+
+
+def test_rename_export_delete_import_a_subject(client, studio_app, photos):
+    names = lambda: [s.name for s in studio_app[0].subjects()]  # noqa: E731
+    if "rex" not in names():
+        client.predict([handle_file(p) for p in photos], "rex", "ball", "quick", api_name="/register")
+    client.predict("rex", "rex2", api_name="/rename_subject")
+    assert "rex2" in names() and "rex" not in names()
+    exported = client.predict("rex2", api_name="/export_subject")
+    path = exported["value"] if isinstance(exported, dict) and "value" in exported else exported
+    assert str(path).endswith(".safetensors") and Path(path).stat().st_size > 0
+    client.predict("rex2", api_name="/delete_subject")
+    assert "rex2" not in names()
+    message = client.predict(handle_file(path), api_name="/import_subject")
+    assert "rex2" in message and "rex2" in names()
+    with pytest.raises(AppError, match="select a subject first"):
+        client.predict(None, api_name="/export_subject")
+
+
+# ------------------------------------------------------------------------------------------- pure helpers
+def test_canvas_json_to_layout_is_back_to_front_and_binds_subjects():
+    from studio.ui.canvas import add_region, canvas_to_layout, layout_to_canvas
+
+    layout = canvas_to_layout(two_regions(first="<rex>"), {"rex": "dog"})
+    rex, box = layout.regions
+    assert (rex.subject, rex.phrase, rex.layer) == ("rex", "dog", 0) and (box.phrase, box.layer) == ("blue box", 1)
+    again = json.loads(layout_to_canvas(layout, 64, 64, ["<rex>"]))
+    assert [r["label"] for r in again["regions"]] == ["<rex>", "blue box"] and again["suggestions"] == ["<rex>"]
+    grown = json.loads(add_region(two_regions(), "a tent"))
+    assert [r["id"] for r in grown["regions"]] == ["r1", "r2", "r3"]
+    from engines.types import InputError
+    with pytest.raises(InputError, match="canvas: unknown keys zoom"):
+        canvas_to_layout(json.dumps({"regions": [], "zoom": 2}), {})
+
+
+def test_a_canvas_layer_key_sets_front_and_back():
+    """`layer` (0 = back) overrides the list order; regions without one keep their index as their layer."""
+    from engines.types import InputError
+    from studio.ui.canvas import add_region, canvas_to_layout, layout_to_canvas
+
+    data = json.loads(two_regions())
+    data["regions"][0]["layer"], data["regions"][1]["layer"] = 1, 0  # listed first, but in front
+    layout = canvas_to_layout(json.dumps(data), {})
+    assert [r.phrase for r in layout.back_to_front()] == ["blue box", "red ball"]
+    assert {r.phrase: r.layer for r in layout.regions} == {"red ball": 1, "blue box": 0}
+    mixed = json.loads(two_regions())
+    mixed["regions"][1]["layer"] = 0  # index 0 and layer 0: equal layers, the later region in front
+    assert [r.phrase for r in canvas_to_layout(json.dumps(mixed), {}).back_to_front()] == ["red ball", "blue box"]
+    again = json.loads(layout_to_canvas(layout, 64, 64))  # the editor's form: listed back to front, no layer keys
+    assert [r["label"] for r in again["regions"]] == ["blue box", "red ball"]
+    grown = json.loads(add_region(json.dumps(data), "a tent"))  # a new region goes in front of explicit layers
+    assert grown["regions"][-1]["layer"] == 2
+    data["regions"][0]["layer"] = -1
+    with pytest.raises(InputError, match="layer must be a whole number"):
+        canvas_to_layout(json.dumps(data), {})
+
+
+def test_vram_presets_are_validated(tmp_path):
+    from engines.presets import load_vram_presets
+    from engines.types import InputError
+
+    presets = load_vram_presets()
+    assert {"CPU", "8 GB", "24 GB", "A100"} <= set(presets)
+    assert presets["8 GB"].spec("demo").quantization == "nf4"
+    bad = tmp_path / "vram.json"
+    bad.write_text(json.dumps({"version": 1, "presets": [{"name": "x", "device": "cuda", "dtype": "fp8",
+                                                          "quantization": "none", "offload": "none"}]}))
+    with pytest.raises(InputError, match="dtype must be one of"):
+        load_vram_presets(bad)
+
+
+def test_a_stopped_job_reports_cancelled_between_steps():
+    import threading
+
+    from engines.types import Cancelled, StepProgress
+    from studio.ui.jobs import stream
+
+    def work(on_progress, cancel):
+        for step in range(1, 1000):
+            if cancel.is_set():
+                raise Cancelled()
+            on_progress(StepProgress(step, 1000, 0.01 * step))
+            threading.Event().wait(0.001)
+        return "finished"
+
+    cancel = threading.Event()
+    seen = []
+    with pytest.raises(Cancelled):
+        for kind, _item in stream(work, cancel):
+            seen.append(kind)
+            if len(seen) == 3:
+                cancel.set()
+    assert seen[:3] == ["progress"] * 3
+
+
+def test_stop_ends_a_running_generation(client):
+    """Stop (same browser session) cancels between two steps; the results already shown stay (gr.skip)."""
+    import time
+
+    job = client.submit(*gen_args("a red ball next to a blue box", two_regions(), steps=150), api_name="/generate")
+    deadline = time.time() + 60
+    while time.time() < deadline and not any("step" in str(o[0]) for o in job.outputs()):
+        time.sleep(0.1)
+    client.predict(api_name="/stop")
+    status, _ = job.result(timeout=60)
+    assert "Stopped" in status
+
+
+def test_studio_ui_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, studio.ui, app; sys.exit(1 if 'torch' in sys.modules else 0)"
+    root = Path(__file__).resolve().parents[2]
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_app_on_a_space_wraps_gpu_work_and_isolates_visitors(tiny_sd15_dir, tmp_path, monkeypatch):
+    """app.py as a Hugging Face Space entry, with a stand-in `spaces` package (ZeroGPU's decorator API)."""
+    import importlib
+    import sys
+    import types
+
+    wrapped = {}
+
+    def gpu(duration):
+        def decorate(fn):
+            wrapped[fn.__name__] = duration
+            return fn
+        return decorate
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
+    monkeypatch.setenv("SPACE_ID", "someone/troupe")
+    import app
+
+    app = importlib.reload(app)
+    served = {}
+    monkeypatch.setattr(app, "serve", lambda demo, *args, **kwargs: served.update(demo=demo, args=args))
+    from engines.service import Studio
+    from engines.types import ModelSpec
+
+    monkeypatch.setattr(app, "make_studio", lambda *a: Studio(ModelSpec(str(tiny_sd15_dir)), tmp_path / "lib"))
+    assert app.main(["--model", "ignored"]) == 0
+    assert set(wrapped) == {"generate", "register", "load_model"}
+    steps_at = ["prompt", "negative", "canvas", "relation", "seed", "randomize", "size", "steps"].index("steps")
+    values = [None] * 13
+    values[steps_at], values[10] = 30, 2  # 30 steps, 2 images
+    assert 10 < wrapped["generate"](None, *values) <= 120
+    values[steps_at], values[12] = 10, True  # box fitting asks for more time
+    assert wrapped["generate"](None, *values) > wrapped["generate"](None, *values[:12], False)
+    assert wrapped["register"](None, [], "rex", "dog", "quick") < wrapped["register"](None, [], "rex", "dog", "thorough")
+    assert served["args"][0] is None  # host from $GRADIO_SERVER_NAME on a Space
+    monkeypatch.delitem(sys.modules, "spaces")
+    importlib.reload(app)
+
+
+def test_switching_models_keeps_the_old_one_on_failure(client, studio_app, tiny_sd15_dir, tmp_path):
+    studio = studio_app[0]
+    before = studio.model_spec
+    with pytest.raises(AppError, match="does not exist"):
+        client.predict(str(tmp_path / "no-such-model"), "cpu", "fp32", "none", "none", api_name="/load_model")
+    assert studio.model_spec == before
+    status, info, badge, size = client.predict(str(tiny_sd15_dir), "cpu", "fp32", "none", "none",
+                                               api_name="/load_model")
+    assert "Loaded" in status and "sd15" in info and studio.model_spec.device == "cpu"
