@@ -28,14 +28,20 @@ def gpu_wrapper(fn, seconds):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Troupe Studio")
-    parser.add_argument("--model", default=os.environ.get("TROUPE_MODEL", "demo"),
-                        help="demo, a Hub id, a local diffusers folder or a .safetensors file")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("TROUPE_MODEL", "demo"),
+        help="demo, a Hub id, a local diffusers folder or a .safetensors file",
+    )
     parser.add_argument("--library", default=None, help="subject library folder (default ~/.troupe/library)")
     parser.add_argument("--vram", default=None, help="machine preset of presets/vram.json: CPU, 8 GB, 24 GB, A100")
     parser.add_argument("--host", default=None, help="default 127.0.0.1 (or $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="default 7860 (or $GRADIO_SERVER_PORT)")
-    parser.add_argument("--outputs", default=os.environ.get("TROUPE_OUTPUTS", "outputs"),
-                        help="folder for generated images and projects (default ./outputs or $TROUPE_OUTPUTS)")
+    parser.add_argument(
+        "--outputs",
+        default=os.environ.get("TROUPE_OUTPUTS", "outputs"),
+        help="folder for generated images and projects (default ./outputs or $TROUPE_OUTPUTS)",
+    )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     args = parser.parse_args(argv)
 
@@ -44,8 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     per_user = Path(tempfile.gettempdir()) / "troupe-libraries" if on_space else None
     if on_space:
         studio.model_info()  # load once at start-up, before the first visitor (ZeroGPU moves it to the GPU)
-    demo = build_ui(studio, per_user_library=per_user, gpu=gpu_wrapper if spaces is not None else None,
-                    allow_model_switch=not on_space, outputs_dir=None if on_space else args.outputs)
+    demo = build_ui(
+        studio,
+        per_user_library=per_user,
+        gpu=gpu_wrapper if spaces is not None else None,
+        allow_model_switch=not on_space,
+        outputs_dir=None if on_space else args.outputs,
+    )
     serve(demo, args.host, args.port, args.share)
     return 0
 

@@ -62,8 +62,10 @@ def train_vae(work: Path, steps: int, batch: int, device: torch.device, lr: floa
         loss = reconstruction_loss(rec, x) + 1e-5 * kl
         optimizer_step(opt, loss, vae.parameters(), cosine_lr(lr, step, steps, 50, 0.1))
         if (step + 1) % 100 == 0:
-            log(f"vae step {step + 1}/{steps} loss {loss.item():.4f} l1 {F.l1_loss(rec, x).item():.4f} "
-                f"kl {kl.item():.3f} {(time.time() - t0) / (step + 1):.3f}s/step")
+            log(
+                f"vae step {step + 1}/{steps} loss {loss.item():.4f} l1 {F.l1_loss(rec, x).item():.4f} "
+                f"kl {kl.item():.3f} {(time.time() - t0) / (step + 1):.3f}s/step"
+            )
     vae.eval()
     with torch.no_grad():
         std = vae.encode(to_unit_range(render_scenes(20_000_000, 256)[0], device)).latent_dist.mean.std().item()
@@ -92,7 +94,7 @@ def finetune_decoder(work: Path, steps: int, batch: int, device: torch.device, l
         p.requires_grad_(True)
     pool = to_unit_range(render_scenes(11_000_000, 16_384)[0], device)  # [16384, 3, 64, 64]
     with torch.no_grad():
-        lat = torch.cat([vae.encode(pool[i:i + 1024]).latent_dist.mean for i in range(0, len(pool), 1024)])
+        lat = torch.cat([vae.encode(pool[i : i + 1024]).latent_dist.mean for i in range(0, len(pool), 1024)])
     std = lat.std().item()
     log(f"decoder: fine-tuning {sum(p.numel() for p in train_params) / 1e6:.2f} M params for {steps} steps")
     opt = torch.optim.AdamW(train_params, lr=lr, weight_decay=0.0)
@@ -106,8 +108,10 @@ def finetune_decoder(work: Path, steps: int, batch: int, device: torch.device, l
         loss = reconstruction_loss(rec, x)
         optimizer_step(opt, loss, train_params, cosine_lr(lr, step, steps, 50, 0.05))
         if (step + 1) % 100 == 0:
-            log(f"decoder step {step + 1}/{steps} loss {loss.item():.4f} l1 {F.l1_loss(rec, x).item():.4f} "
-                f"{(time.time() - t0) / (step + 1):.3f}s/step")
+            log(
+                f"decoder step {step + 1}/{steps} loss {loss.item():.4f} l1 {F.l1_loss(rec, x).item():.4f} "
+                f"{(time.time() - t0) / (step + 1):.3f}s/step"
+            )
     vae.eval()
     err = held_out_l1(vae, device)
     log(f"decoder: held-out L1 {err:.2f}/255")
@@ -134,9 +138,15 @@ def cache_latents(work: Path, n: int, device: torch.device) -> Path:
     images, captions = render_scenes(0, n)
     log(f"latents: rendered {n} scenes in {time.time() - t0:.0f}s")
     with torch.no_grad():
-        lat = np.concatenate([
-            (vae.encode(to_unit_range(images[i:i + 1024], device)).latent_dist.mean * vae.config.scaling_factor)
-            .half().cpu().numpy() for i in range(0, n, 1024)])  # [n, 4, 16, 16]
+        lat = np.concatenate(
+            [
+                (vae.encode(to_unit_range(images[i : i + 1024], device)).latent_dist.mean * vae.config.scaling_factor)
+                .half()
+                .cpu()
+                .numpy()
+                for i in range(0, n, 1024)
+            ]
+        )  # [n, 4, 16, 16]
     log(f"latents: std {lat.astype(np.float32).std():.3f} mean {lat.astype(np.float32).mean():.3f}")
     np.savez(path, latents=lat, captions=np.array(captions))
     return path

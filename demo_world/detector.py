@@ -15,6 +15,7 @@ Occlusion: a partly hidden object is detected by its visible pixels (its box is 
 measure IoU only on objects that are (almost) fully visible; hidden ones may be missed or mis-shaped.
 Known limit: two same-coloured objects closer than ~4 px merge into one detection.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -152,16 +153,24 @@ def detect(image, tol: float = 60.0, min_area: int = 12, pattern_frac: float = 0
     dets = []
     for i, (c, region, second, own) in enumerate(cands):
         # drop a candidate that is mostly the pattern of a bigger candidate
-        if any(j != i and cands[j][2] == c and cands[j][3] > own and (masks[j][1] & (lab == c) & region).sum()
-               >= 0.5 * own for j in range(len(cands))):
+        if any(
+            j != i and cands[j][2] == c and cands[j][3] > own and (masks[j][1] & (lab == c) & region).sum() >= 0.5 * own
+            for j in range(len(cands))
+        ):
             continue
         mask, sec = masks[i]
         pattern = _pattern_of(sec) if second is not None else "plain"
-        dets.append(Detection(
-            category=classify_shape(mask), colour=_OBJ_NAMES[c], box=_box(mask), mask=mask,
-            pattern=pattern, colour2=_OBJ_NAMES[second] if second is not None and pattern != "plain" else None,
-            area=int(mask.sum()),
-        ))
+        dets.append(
+            Detection(
+                category=classify_shape(mask),
+                colour=_OBJ_NAMES[c],
+                box=_box(mask),
+                mask=mask,
+                pattern=pattern,
+                colour2=_OBJ_NAMES[second] if second is not None and pattern != "plain" else None,
+                area=int(mask.sum()),
+            )
+        )
     dets.sort(key=lambda d: -d.area)
     return dets
 

@@ -14,6 +14,7 @@ where A_o(u) = sum over o's content words t of softmax_t(Q K^T / sqrt(d))[u, t] 
 object's visible mask, area-averaged to the attention resolution; the maps come from kernels/attention_record.py,
 which also holds L_token's (1 − inside)² term, shared with box fitting. Only training uses this file.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -49,7 +50,7 @@ def grounding_targets(scenes: Sequence[Scene], tokenizer) -> GroundingTargets:
     for n, (scene, scene_offsets) in enumerate(zip(scenes, offsets)):
         for o, (obj, (start, end)) in enumerate(zip(scene.objects[:MAX_OBJECTS], scene.phrase_spans)):
             words = content_word_positions(scene.caption, start, end, scene_offsets)[:MAX_WORDS]
-            positions[n, o, :len(words)] = torch.tensor(words, dtype=torch.int64)
+            positions[n, o, : len(words)] = torch.tensor(words, dtype=torch.int64)
             masks[n, o] = torch.from_numpy(_area_downsample(obj.mask, MASK_SIDE))
     return GroundingTargets(positions, masks)
 
@@ -69,8 +70,9 @@ def _area_downsample(mask: np.ndarray, side: int) -> np.ndarray:
     return mask.reshape(side, k, side, k).mean(axis=(1, 3)).astype(np.float16)
 
 
-def grounding_loss(maps: Sequence[torch.Tensor], positions: torch.Tensor, masks: torch.Tensor,
-                   pixel_weight: float = 0.5) -> torch.Tensor:
+def grounding_loss(
+    maps: Sequence[torch.Tensor], positions: torch.Tensor, masks: torch.Tensor, pixel_weight: float = 0.5
+) -> torch.Tensor:
     """L_token + pixel_weight * L_pixel over every recorded cross-attention map (see the module docstring).
 
     maps: [B, HW, T] each; positions: [B, O, W] (-1 = none); masks: [B, O, 16, 16]. Objects with no words (empty

@@ -19,8 +19,14 @@ from .scenes import SIZE
 
 TEXT_HIDDEN = 128  # width of the text encoder, hence the UNet's cross-attention width
 SCHEDULER_KW = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
 )  # SD 1.5's noise schedule
 
 
@@ -28,10 +34,16 @@ def make_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 128), layers_per_block=1, latent_channels=4,  # wide enough to keep stripes
-        norm_num_groups=8, sample_size=SIZE, scaling_factor=1.0,  # the real factor is measured after training
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        latent_channels=4,  # wide enough to keep stripes
+        norm_num_groups=8,
+        sample_size=SIZE,
+        scaling_factor=1.0,  # the real factor is measured after training
         mid_block_add_attention=False,  # fully convolutional: trains on crops
     )
 
@@ -40,10 +52,14 @@ def make_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4,
+        sample_size=SIZE // 4,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 128), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=4,  # diffusers' name for the number of heads in SD1.x-style UNets
         norm_num_groups=16,
     )
@@ -53,10 +69,17 @@ def make_text_encoder(tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=TEXT_HIDDEN,
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=TEXT_HIDDEN,
     )
     return CLIPTextModel(cfg)
 
@@ -71,9 +94,14 @@ def export_pipeline(out: Path, vae_folder: Path, unet, text_encoder, tokenizer) 
 
     half = lambda m: copy.deepcopy(m).to("cpu", torch.float16)  # noqa: E731
     pipe = StableDiffusionPipeline(
-        vae=half(AutoencoderKL.from_pretrained(vae_folder)), text_encoder=half(text_encoder), tokenizer=tokenizer,
-        unet=half(unet), scheduler=DDIMScheduler(**SCHEDULER_KW),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=half(AutoencoderKL.from_pretrained(vae_folder)),
+        text_encoder=half(text_encoder),
+        tokenizer=tokenizer,
+        unet=half(unet),
+        scheduler=DDIMScheduler(**SCHEDULER_KW),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     tmp = out.with_name(out.name + ".tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)

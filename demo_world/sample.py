@@ -1,7 +1,8 @@
 """Sample the demo model and measure it with the detector.
 
-    python -m demo_world.sample --model assets/demo_model --grid .cache/demo_grid.png --eval 50
+python -m demo_world.sample --model assets/demo_model --grid .cache/demo_grid.png --eval 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,8 @@ def load_pipeline(path: str | Path, scheduler: str = "ddim"):
     from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        local_files_only=True)
+        str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
+    )
     if scheduler == "euler":
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     else:
@@ -51,8 +52,9 @@ def load_pipeline(path: str | Path, scheduler: str = "ddim"):
 def generate(pipe, caption: str, seeds, steps: int = 20, cfg: float = 5.0) -> np.ndarray:
     """[N, 64, 64, 3] uint8, one image per seed."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    out = pipe([caption] * len(gens), num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-               output_type="np").images  # [N, 64, 64, 3] float in [0, 1]
+    out = pipe(
+        [caption] * len(gens), num_inference_steps=steps, guidance_scale=cfg, generator=gens, output_type="np"
+    ).images  # [N, 64, 64, 3] float in [0, 1]
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -67,8 +69,9 @@ def grid(pipe, captions, n: int = 6, steps: int = 20, cfg: float = 5.0, scale: i
 def evaluate(pipe, n: int = 50, steps: int = 20, cfg: float = 5.0, tol: float = 70.0) -> dict:
     """Per expected object: present (right colour AND category detected), colour-right-given-category,
     category-right-given-colour; plus background accuracy and extra detections per image."""
-    tot = dict(objects=0, present=0, colour_ok=0, colour_n=0, category_ok=0, category_n=0,
-               background_ok=0, images=0, extra=0)
+    tot = dict(
+        objects=0, present=0, colour_ok=0, colour_n=0, category_ok=0, category_n=0, background_ok=0, images=0, extra=0
+    )
     per_caption = {}
     for cap, (want, bg) in EVAL_CAPTIONS.items():
         imgs = generate(pipe, cap, range(1000, 1000 + n), steps, cfg)
@@ -98,7 +101,10 @@ def evaluate(pipe, n: int = 50, steps: int = 20, cfg: float = 5.0, tol: float = 
         category_acc=tot["category_ok"] / max(1, tot["category_n"]),
         background_acc=tot["background_ok"] / tot["images"],
         extra_per_image=tot["extra"] / tot["images"],
-        per_caption=per_caption, seeds=n, steps=steps, cfg=cfg,
+        per_caption=per_caption,
+        seeds=n,
+        steps=steps,
+        cfg=cfg,
     )
 
 

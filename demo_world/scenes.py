@@ -5,6 +5,7 @@ plain or patterned (stripes / dots of a second colour), drawn back to front so l
 ones. Every scene knows each object's box (x0, y0, x1, y1) in [0, 1] of the canvas, its visible pixel mask
 (after occlusion) and its layer (0 = back). Names and colours are an interface: other tools rely on them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -7,6 +7,7 @@ of its first two pieces. Appended merges have the largest ranks, so they never f
 complete with earlier merges (at every step of those words a lower-rank merge applies) — earlier words keep their
 single token.
 """
+
 from __future__ import annotations
 
 import json
@@ -103,8 +104,14 @@ def write_tokenizer(folder: str | Path) -> Path:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    cfg = dict(special, model_max_length=77, do_lower_case=True, tokenizer_class="CLIPTokenizer",
-               clean_up_tokenization_spaces=False, errors="replace")
+    cfg = dict(
+        special,
+        model_max_length=77,
+        do_lower_case=True,
+        tokenizer_class="CLIPTokenizer",
+        clean_up_tokenization_spaces=False,
+        errors="replace",
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     return folder
 

@@ -20,6 +20,7 @@ Stages (each resumable; state lives in --work, default .cache/demo_train/):
                   --export-every steps, so there is always a usable model.
 The model definitions are in models.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,17 @@ from .tokenizer import load_tokenizer, write_tokenizer
 from .training_data import TrainingSet, load_grounding_targets
 
 WARMUP_STEPS = 500
-RECIPE_ARGS = ("vae_steps", "vae_batch", "decoder_steps", "scenes", "steps", "batch", "lr", "ground_weight",
-               "ground_after")
+RECIPE_ARGS = (
+    "vae_steps",
+    "vae_batch",
+    "decoder_steps",
+    "scenes",
+    "steps",
+    "batch",
+    "lr",
+    "ground_weight",
+    "ground_after",
+)
 
 
 @dataclass(frozen=True)
@@ -104,9 +114,11 @@ def build_models(work: Path, lr: float, device: torch.device, fused: bool) -> Un
 def unet_checkpoint(work: Path) -> Checkpoint:
     """work/ckpt/, keyed by the recipe the work folder records, so no other recipe's state is ever resumed."""
     if (work / "ckpt.safetensors").exists():
-        raise SystemExit(f"{work / 'ckpt.safetensors'} is a checkpoint in the format used before "
-                         f"engines/checkpoint.py, which this trainer does not read. Delete it to restart the UNet "
-                         f"stage from step 0, or finish that run with the trainer it was started with.")
+        raise SystemExit(
+            f"{work / 'ckpt.safetensors'} is a checkpoint in the format used before "
+            f"engines/checkpoint.py, which this trainer does not read. Delete it to restart the UNet "
+            f"stage from step 0, or finish that run with the trainer it was started with."
+        )
     recipe = work / "recipe.json"
     key = hashlib.sha256(recipe.read_bytes()).hexdigest() if recipe.exists() else "no recipe recorded"
     return Checkpoint(work / "ckpt", key)
@@ -127,8 +139,16 @@ class NoiseSchedule:
         return cls(abar, torch.clamp(snr, max=5.0) / snr)
 
 
-def unet_loss(models: UnetModels, data: TrainingSet, schedule: NoiseSchedule, record: AttentionRecord | None,
-              recipe: UnetRecipe, step: int, g: torch.Generator, g_noise: torch.Generator):
+def unet_loss(
+    models: UnetModels,
+    data: TrainingSet,
+    schedule: NoiseSchedule,
+    record: AttentionRecord | None,
+    recipe: UnetRecipe,
+    step: int,
+    g: torch.Generator,
+    g_noise: torch.Generator,
+):
     """(loss, plain denoising loss, grounding loss or None) of one batch; the draws keep their order for resumes."""
     device = data.latents.device
     idx = torch.randint(len(data), (recipe.batch,), generator=g).to(device)
@@ -153,16 +173,28 @@ def unet_loss(models: UnetModels, data: TrainingSet, schedule: NoiseSchedule, re
 
 def write_stats(work: Path, step: int, recipe: UnetRecipe, losses: list[torch.Tensor], sec_per_step: float) -> None:
     loss = torch.stack(losses).mean().item() if losses else float("nan")
-    (work / "train_stats.json").write_text(json.dumps(dict(
-        step=step, batch=recipe.batch, lr=recipe.lr, steps=recipe.steps, loss_last100=loss,
-        sec_per_step=sec_per_step)))
+    (work / "train_stats.json").write_text(
+        json.dumps(
+            dict(
+                step=step,
+                batch=recipe.batch,
+                lr=recipe.lr,
+                steps=recipe.steps,
+                loss_last100=loss,
+                sec_per_step=sec_per_step,
+            )
+        )
+    )
 
 
-def train_unet(work: Path, out: Path, latents_path: Path, recipe: UnetRecipe, cadence: Cadence,
-               device: torch.device) -> None:
+def train_unet(
+    work: Path, out: Path, latents_path: Path, recipe: UnetRecipe, cadence: Cadence, device: torch.device
+) -> None:
     models = build_models(work, recipe.lr, device, fused=device.type == "cuda")
-    log(f"unet {n_params(models.unet) / 1e6:.2f} M params, text encoder {n_params(models.te) / 1e6:.2f} M params, "
-        f"on {device}")
+    log(
+        f"unet {n_params(models.unet) / 1e6:.2f} M params, text encoder {n_params(models.te) / 1e6:.2f} M params, "
+        f"on {device}"
+    )
     checkpoint = unet_checkpoint(work)
     restored = checkpoint.load(models.state())
     step = restored.step if restored else 0
@@ -204,8 +236,10 @@ def train_unet(work: Path, out: Path, latents_path: Path, recipe: UnetRecipe, ca
         losses = (losses + [plain])[-100:]
         if step % cadence.log_every == 0:
             grounding = f" grounding {torch.stack(ground_losses).mean():.4f}" if ground_losses else ""
-            log(f"step {step}/{recipe.steps} loss {torch.stack(losses[-cadence.log_every:]).mean():.4f}{grounding} "
-                f"lr {lr:.2e} {(time.time() - t_start) / (step - first_step):.3f}s/step")
+            log(
+                f"step {step}/{recipe.steps} loss {torch.stack(losses[-cadence.log_every :]).mean():.4f}{grounding} "
+                f"lr {lr:.2e} {(time.time() - t_start) / (step - first_step):.3f}s/step"
+            )
         if step % cadence.ckpt_every == 0 or step == recipe.steps:
             checkpoint.save(models.state(), step)
         if step % cadence.export_every == 0 or step == recipe.steps or time.time() - last_export > 600:
@@ -238,8 +272,9 @@ def bench(work: Path, batch: int, device: torch.device, n: int = 20) -> None:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     targets = grounding_targets([random_scene(s) for s in range(batch)], tok)
     positions, masks = targets.positions.to(device), targets.masks.to(device)
-    ids = tok([random_scene(s).caption for s in range(batch)], padding="max_length", max_length=77,
-              return_tensors="pt").input_ids.to(device)
+    ids = tok(
+        [random_scene(s).caption for s in range(batch)], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids.to(device)
 
     def unet_step() -> None:
         x = torch.randn(batch, 4, 16, 16, device=device)
@@ -277,8 +312,10 @@ def check_recipe(work: Path, recipe: dict) -> None:
     recorded = json.loads(path.read_text())
     changed = [f"{k}: {recorded.get(k)} -> {v}" for k, v in recipe.items() if recorded.get(k) != v]
     if changed:
-        raise SystemExit(f"{work} holds the state of another recipe ({'; '.join(changed)}). "
-                         f"Pass another --work, or delete {work} to start over.")
+        raise SystemExit(
+            f"{work} holds the state of another recipe ({'; '.join(changed)}). "
+            f"Pass another --work, or delete {work} to start over."
+        )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -286,8 +323,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="assets/demo_model")
     ap.add_argument("--work", default=".cache/demo_train")
     ap.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when there is one)")
-    ap.add_argument("--minutes", type=float, default=0.0,
-                    help="wall-clock budget of this run's UNet stage (0 = none); run again to resume")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="wall-clock budget of this run's UNet stage (0 = none); run again to resume",
+    )
     ap.add_argument("--vae-steps", type=int, default=4000)
     ap.add_argument("--vae-batch", type=int, default=64)
     ap.add_argument("--decoder-steps", type=int, default=2000, help="decoder sharpening steps (0 = skip)")
@@ -299,8 +340,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ckpt-every", type=int, default=1000)
     ap.add_argument("--export-every", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    ap.add_argument("--ground-weight", type=float, default=0.05,
-                    help="weight of the grounding loss that ties object words to object pixels (0 = off)")
+    ap.add_argument(
+        "--ground-weight",
+        type=float,
+        default=0.05,
+        help="weight of the grounding loss that ties object words to object pixels (0 = off)",
+    )
     ap.add_argument("--ground-after", type=int, default=0, help="first step that uses the grounding loss")
     ap.add_argument("--prepare-only", action="store_true", help="stop after the VAE, latent and decoder stages")
     ap.add_argument("--bench", action="store_true", help="only measure seconds per step")
@@ -333,8 +378,14 @@ def main(argv=None) -> None:
         load_grounding_targets(work, a.scenes)
     if a.prepare_only:
         return
-    train_unet(work, out, latents_path, UnetRecipe(a.steps, a.batch, a.lr, a.ground_weight, a.ground_after),
-               Cadence(a.minutes, a.log_every, a.ckpt_every, a.export_every), device)
+    train_unet(
+        work,
+        out,
+        latents_path,
+        UnetRecipe(a.steps, a.batch, a.lr, a.ground_weight, a.ground_after),
+        Cadence(a.minutes, a.log_every, a.ckpt_every, a.export_every),
+        device,
+    )
 
 
 if __name__ == "__main__":

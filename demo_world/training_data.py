@@ -45,8 +45,8 @@ def to_unit_range(images: np.ndarray, device: torch.device) -> torch.Tensor:
 def latent_aligned_crops(images: torch.Tensor, latents: torch.Tensor | None, g: torch.Generator):
     """One random 32x32 crop (at a multiple of 4 px, so it matches an 8x8 latent crop) of a batch."""
     ly, lx = torch.randint(0, 9, (2,), generator=g).tolist()
-    crop = images[:, :, 4 * ly:4 * ly + 32, 4 * lx:4 * lx + 32]  # [B, 3, 32, 32]
-    return crop, None if latents is None else latents[:, :, ly:ly + 8, lx:lx + 8]  # [B, 4, 8, 8]
+    crop = images[:, :, 4 * ly : 4 * ly + 32, 4 * lx : 4 * lx + 32]  # [B, 3, 32, 32]
+    return crop, None if latents is None else latents[:, :, ly : ly + 8, lx : lx + 8]  # [B, 4, 8, 8]
 
 
 def _grounding_chunk(job: tuple[str, range]) -> GroundingTargets:
@@ -77,8 +77,11 @@ class TrainingSet:
         data = np.load(latents_path)
         self.latents = torch.from_numpy(data["latents"].astype(np.float32)).to(device)  # [N, 4, 16, 16]
         captions = list(data["captions"])
-        tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=77, truncation=True,  # noqa: E731
-                                           return_tensors="pt").input_ids.to(device)
+
+        def tokenize(texts: list[str]) -> torch.Tensor:
+            ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            return ids.input_ids.to(device)
+
         self.ids = tokenize(captions)  # [N, 77]
         self.empty_ids = tokenize([""])  # [1, 77]
         self.targets = None

@@ -35,8 +35,9 @@ from kernels.attention_record import AttentionRecord, inside_energy
 from kernels.maps import ResolutionMaps
 
 
-def layout_energy(recorded: Sequence[tuple[torch.Tensor, ResolutionMaps]],
-                  region_positions: Sequence[Sequence[int]]) -> torch.Tensor:
+def layout_energy(
+    recorded: Sequence[tuple[torch.Tensor, ResolutionMaps]], region_positions: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """E summed over the images of the batch. recorded: per cross-attention layer, (probabilities (B, N, T), maps)."""
     terms = []
     for probabilities, maps in recorded:

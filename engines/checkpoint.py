@@ -102,8 +102,15 @@ class Checkpoint:
         for name, generator in state.generators.items():
             tensors[f"rng.{name}"] = generator.get_state().cpu()
         scaler = state.grad_scaler.state_dict() if state.grad_scaler is not None else None
-        meta = {"key": self.key, "token": token, "step": step, "param_groups": optimizer["param_groups"],
-                "optimizer_scalars": scalars, "grad_scaler": scaler, "extra": extra or {}}
+        meta = {
+            "key": self.key,
+            "token": token,
+            "step": step,
+            "param_groups": optimizer["param_groups"],
+            "optimizer_scalars": scalars,
+            "grad_scaler": scaler,
+            "extra": extra or {},
+        }
         _move_into_place(folder / TENSORS, lambda part: save_file(tensors, str(part), metadata={"token": token}))
         _move_into_place(folder / META, lambda part: part.write_text(json.dumps(meta, default=float)))
 
@@ -123,9 +130,10 @@ class Checkpoint:
             return None
         for module_name, module in state.modules.items():
             prefix = f"{module_name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        state.optimizer.load_state_dict({"state": _optimizer_state(tensors, meta["optimizer_scalars"]),
-                                         "param_groups": meta["param_groups"]})
+            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        state.optimizer.load_state_dict(
+            {"state": _optimizer_state(tensors, meta["optimizer_scalars"]), "param_groups": meta["param_groups"]}
+        )
         for name, generator in state.generators.items():
             generator.set_state(tensors[f"rng.{name}"])
         if state.grad_scaler is not None and meta.get("grad_scaler"):

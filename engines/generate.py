@@ -38,10 +38,14 @@ from kernels.region_attention import GuidanceState, install
 # Latent → RGB linear approximations for previews (notes/performance-anchors.md §7, ComfyUI latent_formats),
 # rows = latent channels, columns = R, G, B, applied to the scaled latent.
 PREVIEW_FACTORS = {
-    "sd15": ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
-              [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0]),
-    "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
-              [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
+    "sd15": (
+        [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+        [0.0, 0.0, 0.0],
+    ),
+    "sdxl": (
+        [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+        [0.1084, -0.0175, -0.0011],
+    ),
 }
 PREVIEW_FACTORS["sd2"] = PREVIEW_FACTORS["sd15"]  # same VAE
 
@@ -58,10 +62,14 @@ class Generator:
     def __init__(self, bundle: ModelBundle) -> None:
         self.bundle = bundle
 
-    def __call__(self, request: GenerateRequest, class_words: Mapping[str, str] | None = None,
-                 residuals: Callable[[str], dict[str, torch.Tensor]] | None = None,
-                 on_progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None) -> GenerateResult:
+    def __call__(
+        self,
+        request: GenerateRequest,
+        class_words: Mapping[str, str] | None = None,
+        residuals: Callable[[str], dict[str, torch.Tensor]] | None = None,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerateResult:
         started = time.perf_counter()
         # 1. Check inputs and fix the seeds (one per image, reported).
         width, height = self.image_size(request)
@@ -70,13 +78,21 @@ class Generator:
         prepared = self.prepare_prompt(request, class_words or {}, residuals)
         encoded = time.perf_counter()
         # 3. Denoise with layout guidance installed on the UNet; everything is restored afterwards.
-        with self._scheduler(request.scheduler), self._layout_guidance(request, prepared.parsed, width, height) as state:
+        with (
+            self._scheduler(request.scheduler),
+            self._layout_guidance(request, prepared.parsed, width, height) as state,
+        ):
             fitter = self._box_fitter(request, prepared.parsed, state)
             images = self.bundle.pipe(
-                **prepared.embeds, num_inference_steps=request.steps, guidance_scale=request.cfg,
-                width=width, height=height, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                **prepared.embeds,
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg,
+                width=width,
+                height=height,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                 callback_on_step_end=self._step_callback(request, fitter, on_progress, cancel, started),
-                callback_on_step_end_tensor_inputs=self._callback_tensors(fitter), output_type="pil",
+                callback_on_step_end_tensor_inputs=self._callback_tensors(fitter),
+                output_type="pil",
             ).images
         denoised = time.perf_counter()
         # 4. Every image carries the request that makes it again.
@@ -99,22 +115,33 @@ class Generator:
         base = request.seed if request.seed is not None else random.randrange(2**31)
         return [base + k for k in range(request.num_images)]
 
-    def prepare_prompt(self, request: GenerateRequest, class_words: Mapping[str, str],
-                       residuals: Callable[[str], dict[str, torch.Tensor]] | None) -> PreparedPrompt:
+    def prepare_prompt(
+        self,
+        request: GenerateRequest,
+        class_words: Mapping[str, str],
+        residuals: Callable[[str], dict[str, torch.Tensor]] | None,
+    ) -> PreparedPrompt:
         parsed = parse_prompt(request.prompt, request.layout, class_words, self.bundle.tokenizers)
         pipe, device = self.bundle.pipe, self.bundle.device
         do_cfg = request.cfg > 1
         if self.bundle.is_xl:
             positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-                parsed.text, device=device, num_images_per_prompt=request.num_images,
-                do_classifier_free_guidance=do_cfg, negative_prompt=request.negative_prompt or None)
+                parsed.text,
+                device=device,
+                num_images_per_prompt=request.num_images,
+                do_classifier_free_guidance=do_cfg,
+                negative_prompt=request.negative_prompt or None,
+            )
             embeds = {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
         else:
             positive, negative = pipe.encode_prompt(
-                parsed.text, device, request.num_images, do_cfg, negative_prompt=request.negative_prompt or None)
+                parsed.text, device, request.num_images, do_cfg, negative_prompt=request.negative_prompt or None
+            )
             embeds = {}
         if parsed.subjects:
-            positive = add_residuals(positive, parsed, residuals, [e.config.hidden_size for e in self.bundle.text_encoders])
+            positive = add_residuals(
+                positive, parsed, residuals, [e.config.hidden_size for e in self.bundle.text_encoders]
+            )
         return PreparedPrompt(parsed, {**embeds, "prompt_embeds": positive, "negative_prompt_embeds": negative})
 
     @contextmanager
@@ -138,8 +165,14 @@ class Generator:
             yield None
             return
         factor = self.bundle.pipe.vae_scale_factor
-        maps = build_maps(request.layout, parsed.region_positions, self.bundle.tokenizers[0].model_max_length,
-                          (height // factor, width // factor), len(unet.config.block_out_channels), request.guidance)
+        maps = build_maps(
+            request.layout,
+            parsed.region_positions,
+            self.bundle.tokenizers[0].model_max_length,
+            (height // factor, width // factor),
+            len(unet.config.block_out_channels),
+            request.guidance,
+        )
         state = GuidanceState(maps, images=request.num_images)
         alphas = self.bundle.pipe.scheduler.alphas_cumprod.cpu()
 
@@ -169,17 +202,19 @@ class Generator:
 
     def _fit_conditioning(self, pipe, tensors: dict) -> dict:
         """The UNet's keyword arguments for the conditional rows of the pipeline's (CFG-batched) inputs."""
+
         def conditional(x: torch.Tensor) -> torch.Tensor:
             return x.chunk(2)[1] if pipe.do_classifier_free_guidance else x
 
         kwargs = {"encoder_hidden_states": conditional(tensors["prompt_embeds"])}
         if self.bundle.is_xl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": conditional(tensors["add_text_embeds"]),
-                                           "time_ids": conditional(tensors["add_time_ids"])}
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": conditional(tensors["add_text_embeds"]),
+                "time_ids": conditional(tensors["add_time_ids"]),
+            }
         return kwargs
 
-    def _step_callback(self, request: GenerateRequest, fitter: BoxFitter | None, on_progress, cancel,
-                       started: float):
+    def _step_callback(self, request: GenerateRequest, fitter: BoxFitter | None, on_progress, cancel, started: float):
         # A linear preview costs nothing, and ten per run are plenty; a VAE-decoded one (the demo model) costs
         # about a tenth of a 64x64 run's denoising on a CPU, so it shows four.
         every = max(1, request.steps // (10 if self.bundle.family in PREVIEW_FACTORS else 4))
@@ -217,8 +252,12 @@ class Generator:
         return Image.fromarray(np.ascontiguousarray(pixels))
 
 
-def add_residuals(prompt_embeds: torch.Tensor, parsed: ParsedPrompt,
-                  residuals: Callable[[str], dict[str, torch.Tensor]] | None, widths: list[int]) -> torch.Tensor:
+def add_residuals(
+    prompt_embeds: torch.Tensor,
+    parsed: ParsedPrompt,
+    residuals: Callable[[str], dict[str, torch.Tensor]] | None,
+    widths: list[int],
+) -> torch.Tensor:
     """Cones 2 Eq. 6: c' = c + Δ at the class-word tokens of each subject occurrence. The pipeline concatenates the
     encoders' outputs along features (SDXL: 768 + 1280), so Δ is concatenated in the same order.
     prompt_embeds (B, T, ΣD) → (B, T, ΣD)."""
@@ -230,7 +269,9 @@ def add_residuals(prompt_embeds: torch.Tensor, parsed: ParsedPrompt,
         per_encoder = residuals(occurrence.name)
         delta = torch.cat([per_encoder[name] for name in names], dim=-1)  # (n_tokens, ΣD)
         if delta.shape != (len(occurrence.positions), sum(widths)):
-            raise InputError(f"<{occurrence.name}> was registered with a class word of {delta.shape[0]} token(s) and "
-                             f"width {delta.shape[-1]}; here it is {len(occurrence.positions)} × {sum(widths)}")
+            raise InputError(
+                f"<{occurrence.name}> was registered with a class word of {delta.shape[0]} token(s) and "
+                f"width {delta.shape[-1]}; here it is {len(occurrence.positions)} × {sum(widths)}"
+            )
         out[:, list(occurrence.positions)] += delta.to(out.device, out.dtype)
     return out

@@ -41,8 +41,9 @@ def load_photo(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = M
     return load_photo_and_alpha(path, max_pixels, min_side)[0]
 
 
-def load_photo_and_alpha(path: str | Path, max_pixels: int = MAX_PIXELS,
-                         min_side: int = MIN_SIDE) -> tuple[Image.Image, np.ndarray | None]:
+def load_photo_and_alpha(
+    path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
+) -> tuple[Image.Image, np.ndarray | None]:
     """Upright RGB (transparent parts composited on white) and the alpha channel in [0, 1] when the photo has a
     real cut-out (some pixels transparent), else None."""
     path = Path(path)
@@ -171,8 +172,9 @@ def prepare_photo(path: str | Path, size: int, segmenter: OnnxSegmenter | None =
     return PreparedPhoto(photo, mask, str(path))
 
 
-def prepare_photos(paths: list[str] | tuple[str, ...], size: int,
-                   segmenter: OnnxSegmenter | str | Path | None = None) -> list[PreparedPhoto]:
+def prepare_photos(
+    paths: list[str] | tuple[str, ...], size: int, segmenter: OnnxSegmenter | str | Path | None = None
+) -> list[PreparedPhoto]:
     """Validate every photo first (so one bad file refuses the whole set), then mask, crop and resize."""
     for path in paths:
         load_photo(path)

@@ -51,7 +51,7 @@ def region_owners(layout: Layout, height: int, width: int) -> torch.Tensor:
         if (owner == index).any():
             continue
         best = int(coverage[index].argmax())
-        in_front = set(order[rank + 1:])
+        in_front = set(order[rank + 1 :])
         if int(owner.view(-1)[best]) not in in_front:
             owner.view(-1)[best] = index
     return owner
@@ -70,8 +70,9 @@ def visible_coverage(layout: Layout, height: int, width: int) -> torch.Tensor:
     for index in sorted(range(len(regions)), key=lambda i: regions[i].layer):  # back to front, stable
         x0, y0, x1, y1 = regions[index].box
         front[((cy > y0) & (cy < y1))[:, None] & ((cx > x0) & (cx < x1))[None, :]] = index
-    cell = ((cy * height).long().clamp(max=height - 1)[:, None] * width
-            + (cx * width).long().clamp(max=width - 1)[None, :])  # (Y, X) flat cell index
+    cell = (cy * height).long().clamp(max=height - 1)[:, None] * width + (cx * width).long().clamp(max=width - 1)[
+        None, :
+    ]  # (Y, X) flat cell index
     visible = torch.zeros(len(regions), height * width, dtype=torch.float64)
     for index in range(len(regions)):
         mine = front == index
@@ -85,8 +86,9 @@ def _cuts(edges: Sequence[float], cells: int) -> torch.Tensor:
     return torch.unique(torch.cat([grid, torch.tensor(edges, dtype=torch.float64)]))
 
 
-def token_weight_matrix(owner: torch.Tensor, region_positions: Sequence[Sequence[int]], num_tokens: int,
-                        config: GuidanceConfig) -> torch.Tensor:
+def token_weight_matrix(
+    owner: torch.Tensor, region_positions: Sequence[Sequence[int]], num_tokens: int, config: GuidanceConfig
+) -> torch.Tensor:
     """M of Cones 2 Eq. 7 for every (cell, token): inside_weight where the token's region owns the cell,
     other_region_weight where another region owns it, background_weight where none does; 0 for tokens no region
     binds. owner is (HW,); returns (HW, T)."""
@@ -107,8 +109,14 @@ def self_attention_blocks(owner: torch.Tensor) -> torch.Tensor:
     return different & in_region[:, None] & in_region[None, :]
 
 
-def build_maps(layout: Layout, region_positions: Sequence[Sequence[int]], num_tokens: int,
-               latent_size: tuple[int, int], levels: int, config: GuidanceConfig) -> dict[int, ResolutionMaps]:
+def build_maps(
+    layout: Layout,
+    region_positions: Sequence[Sequence[int]],
+    num_tokens: int,
+    latent_size: tuple[int, int],
+    levels: int,
+    config: GuidanceConfig,
+) -> dict[int, ResolutionMaps]:
     """The maps for every attention resolution, keyed by the number of query tokens (HW) the processor sees."""
     maps = {}
     for height, width in attention_resolutions(*latent_size, levels):

@@ -49,6 +49,7 @@ from engines.types import InputError, SubjectInfo, check_subject_name
 
 log = logging.getLogger(__name__)
 
+
 def default_library_dir() -> Path:
     """$TROUPE_LIBRARY, else ~/.troupe/library."""
     return Path(os.environ.get("TROUPE_LIBRARY") or "~/.troupe/library").expanduser()
@@ -71,8 +72,9 @@ class SubjectLibrary:
     def check_free(self, name: str) -> None:
         """The one check that a new subject does not take an existing subject's name."""
         if self.folder(name).exists():
-            raise InputError(f"a subject named '{name}' already exists: pick another name, or delete or rename the "
-                             "old one")
+            raise InputError(
+                f"a subject named '{name}' already exists: pick another name, or delete or rename the old one"
+            )
 
     def clear_work(self, name: str) -> None:
         shutil.rmtree(self.work_dir(name), ignore_errors=True)
@@ -96,8 +98,12 @@ class SubjectLibrary:
     def _info(self, folder: Path, meta: dict[str, Any]) -> SubjectInfo:
         thumbnail = folder / THUMBNAIL
         return SubjectInfo(
-            name=meta["name"], class_word=meta["class_word"], family=meta["family"],
-            fingerprint=meta["fingerprint"], created=meta["created"], steps=meta["steps"],
+            name=meta["name"],
+            class_word=meta["class_word"],
+            family=meta["family"],
+            fingerprint=meta["fingerprint"],
+            created=meta["created"],
+            steps=meta["steps"],
             loss_curve=tuple(float(v) for v in meta.get("loss_curve", [])),
             thumbnail=str(thumbnail) if thumbnail.is_file() else None,
             photos=tuple(str(folder / p) for p in meta.get("photos", [])),
@@ -148,15 +154,26 @@ class SubjectLibrary:
         """A residual only means something to the text encoder it was trained against."""
         info = self.get(name)
         if info.family != family:
-            raise InputError(f"subject '{name}' was trained on a {info.family} model; the loaded model is {family}: "
-                             f"register it again with this model")
+            raise InputError(
+                f"subject '{name}' was trained on a {info.family} model; the loaded model is {family}: "
+                f"register it again with this model"
+            )
         if info.fingerprint != fingerprint:
-            raise InputError(f"subject '{name}' was trained on a different {info.family} model (text encoder "
-                             f"{info.fingerprint}, loaded {fingerprint}): register it again with this model")
+            raise InputError(
+                f"subject '{name}' was trained on a different {info.family} model (text encoder "
+                f"{info.fingerprint}, loaded {fingerprint}): register it again with this model"
+            )
 
     # ----------------------------------------------------------------- writing
-    def add(self, info: SubjectInfo, residuals: dict[str, torch.Tensor], photos: list[Image.Image],
-            masks: list[Image.Image], overwrite: bool = False, stats: dict[str, Any] | None = None) -> SubjectInfo:
+    def add(
+        self,
+        info: SubjectInfo,
+        residuals: dict[str, torch.Tensor],
+        photos: list[Image.Image],
+        masks: list[Image.Image],
+        overwrite: bool = False,
+        stats: dict[str, Any] | None = None,
+    ) -> SubjectInfo:
         """Build the whole subject folder under a temporary name inside root, then rename it into place."""
         name = check_subject_name(info.name)
         residuals = check_residuals(residuals, f"subject '{name}'")
@@ -166,9 +183,14 @@ class SubjectLibrary:
         if not overwrite:
             self.check_free(name)
         meta = {
-            "format_version": FORMAT_VERSION, "name": name, "class_word": info.class_word, "family": info.family,
-            "fingerprint": info.fingerprint, "created": info.created or datetime.now(timezone.utc).isoformat(),
-            "steps": int(info.steps), "loss_curve": downsample_curve(info.loss_curve),
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "class_word": info.class_word,
+            "family": info.family,
+            "fingerprint": info.fingerprint,
+            "created": info.created or datetime.now(timezone.utc).isoformat(),
+            "steps": int(info.steps),
+            "loss_curve": downsample_curve(info.loss_curve),
             "photos": [f"photo_{i:02d}.png" for i in range(len(photos))],
             "masks": [f"mask_{i:02d}.png" for i in range(len(masks))],
             "stats": dict(stats or {}),
@@ -207,8 +229,9 @@ class SubjectLibrary:
         """Remove leftovers of interrupted writes: trash always, half-built folders once they are a day old."""
         now = time.time()
         for path in self.root.iterdir():
-            if path.name.startswith(".trash-") or (path.name.startswith(".tmp-") and
-                                                    now - path.stat().st_mtime > stale_seconds):
+            if path.name.startswith(".trash-") or (
+                path.name.startswith(".tmp-") and now - path.stat().st_mtime > stale_seconds
+            ):
                 shutil.rmtree(path, ignore_errors=True)
 
     def rename(self, old: str, new: str) -> SubjectInfo:
@@ -260,7 +283,9 @@ class SubjectLibrary:
             raise InputError(f"export to a .safetensors file (got {dest.name})")
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={EXPORT_KEY: json.dumps(meta)})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={EXPORT_KEY: json.dumps(meta)}
+        )
         os.replace(partial, dest)
         return dest
 
@@ -281,8 +306,12 @@ class SubjectLibrary:
         except json.JSONDecodeError as error:
             raise InputError(f"{path.name}: the subject metadata is not valid JSON") from error
         meta = validate_meta(meta, path.name)
-        allowed = set(ENCODER_KEYS) | {"thumbnail"} | {f"photo.{i}" for i in range(len(meta.get("photos", [])))} \
+        allowed = (
+            set(ENCODER_KEYS)
+            | {"thumbnail"}
+            | {f"photo.{i}" for i in range(len(meta.get("photos", [])))}
             | {f"mask.{i}" for i in range(len(meta.get("masks", [])))}
+        )
         unknown = set(tensors) - allowed
         if unknown:
             raise InputError(f"{path.name}: unexpected tensors {', '.join(sorted(unknown))}")
@@ -292,9 +321,15 @@ class SubjectLibrary:
         if not photos and "thumbnail" in tensors:
             photos = [to_image(tensors["thumbnail"], "RGB", path.name)]
             masks = [Image.new("L", photos[0].size, 255)]
-        info = SubjectInfo(name=check_subject_name(name or meta["name"]), class_word=meta["class_word"],
-                           family=meta["family"], fingerprint=meta["fingerprint"], created=meta["created"],
-                           steps=meta["steps"], loss_curve=tuple(meta.get("loss_curve", [])))
+        info = SubjectInfo(
+            name=check_subject_name(name or meta["name"]),
+            class_word=meta["class_word"],
+            family=meta["family"],
+            fingerprint=meta["fingerprint"],
+            created=meta["created"],
+            steps=meta["steps"],
+            loss_curve=tuple(meta.get("loss_curve", [])),
+        )
         return self.add(info, residuals, photos, masks, overwrite=overwrite, stats=meta.get("stats"))
 
     def push(self, name: str, repo_id: str, token: str | None = None, path_in_repo: str | None = None) -> str:
@@ -304,12 +339,24 @@ class SubjectLibrary:
         path_in_repo = path_in_repo or f"{name}.safetensors"
         with tempfile.TemporaryDirectory() as folder:
             exported = self.export(name, Path(folder) / f"{name}.safetensors")
-            huggingface_hub.upload_file(path_or_fileobj=str(exported), path_in_repo=path_in_repo, repo_id=repo_id,
-                                        token=token, commit_message=f"Troupe subject {name}")
+            huggingface_hub.upload_file(
+                path_or_fileobj=str(exported),
+                path_in_repo=path_in_repo,
+                repo_id=repo_id,
+                token=token,
+                commit_message=f"Troupe subject {name}",
+            )
         return path_in_repo
 
-    def pull(self, repo_id: str, filename: str, name: str | None = None, token: str | None = None,
-             revision: str | None = None, overwrite: bool = False) -> SubjectInfo:
+    def pull(
+        self,
+        repo_id: str,
+        filename: str,
+        name: str | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        overwrite: bool = False,
+    ) -> SubjectInfo:
         import huggingface_hub
 
         if not filename.endswith(".safetensors"):

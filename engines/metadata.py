@@ -23,8 +23,14 @@ def png_info(request: GenerateRequest, bundle: Any) -> dict[str, str]:
 
 def a1111_parameters(request: GenerateRequest, bundle: Any) -> str:
     size = f"{request.width or bundle.native_size}x{request.height or bundle.native_size}"
-    fields = [("Steps", request.steps), ("Sampler", SCHEDULERS[request.scheduler].title), ("CFG scale", request.cfg),
-              ("Seed", request.seed), ("Size", size), ("Model", bundle.spec.source)]
+    fields = [
+        ("Steps", request.steps),
+        ("Sampler", SCHEDULERS[request.scheduler].title),
+        ("CFG scale", request.cfg),
+        ("Seed", request.seed),
+        ("Size", size),
+        ("Model", bundle.spec.source),
+    ]
     if request.layout.regions:
         fields.append(("Troupe regions", json.dumps([[r.label, list(r.box), r.layer] for r in request.layout.regions])))
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields)

@@ -19,9 +19,13 @@ from engines.types import InputError, ModelSpec
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
 NATIVE_SIZE = {"sd15": 512, "sd2": 512, "sdxl": 1024}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-QUANT_BACKENDS = {"int8": ("bitsandbytes_8bit", {"load_in_8bit": True}),
-                  "nf4": ("bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                                "bnb_4bit_compute_dtype": torch.bfloat16})}
+QUANT_BACKENDS = {
+    "int8": ("bitsandbytes_8bit", {"load_in_8bit": True}),
+    "nf4": (
+        "bitsandbytes_4bit",
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16},
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -162,9 +166,11 @@ def _load_single_file(path: Path, spec: ModelSpec, kwargs: dict) -> DiffusionPip
 
 
 def _missing_model_message(source: str, error: Exception) -> str:
-    return (f"could not load model '{source}' ({type(error).__name__}). If it is a Hub id, this machine may be offline: "
-            f"download it where there is network (huggingface-cli download {source}) and pass the folder with "
-            f"--model PATH, or use --model demo")
+    return (
+        f"could not load model '{source}' ({type(error).__name__}). If it is a Hub id, this machine may be offline: "
+        f"download it where there is network (huggingface-cli download {source}) and pass the folder with "
+        f"--model PATH, or use --model demo"
+    )
 
 
 def _quantization_kwargs(spec: ModelSpec) -> dict:

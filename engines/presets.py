@@ -54,8 +54,9 @@ class VramPreset:
     note: str = ""
 
     def spec(self, source: str) -> ModelSpec:
-        return ModelSpec(source=source, dtype=self.dtype, quantization=self.quantization, offload=self.offload,
-                         device=self.device)
+        return ModelSpec(
+            source=source, dtype=self.dtype, quantization=self.quantization, offload=self.offload, device=self.device
+        )
 
 
 def load_vram_presets(path: str | Path | None = None) -> dict[str, VramPreset]:
@@ -65,8 +66,12 @@ def load_vram_presets(path: str | Path | None = None) -> dict[str, VramPreset]:
         where = f"{path.name}: preset '{entry.get('name', '?') if isinstance(entry, dict) else '?'}'"
         names = [f.name for f in fields(VramPreset)]
         check_keys(entry, where, names, [n for n in names if n != "note"])
-        for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("quantization", QUANTIZATIONS),
-                             ("offload", OFFLOADS)):
+        for key, allowed in (
+            ("device", DEVICES),
+            ("dtype", DTYPES),
+            ("quantization", QUANTIZATIONS),
+            ("offload", OFFLOADS),
+        ):
             if entry[key] not in allowed:
                 raise InputError(f"{where}: {key} must be one of {', '.join(allowed)} (got {entry[key]!r})")
         preset = VramPreset(**entry)
@@ -80,6 +85,10 @@ def preset_of(spec: ModelSpec, presets: dict[str, VramPreset]) -> str | None:
     """The name of the preset that loads a model the way `spec` does, if any."""
     for preset in presets.values():
         if (preset.device, preset.dtype, preset.quantization, preset.offload) == (
-                spec.device, spec.dtype, spec.quantization, spec.offload):
+            spec.device,
+            spec.dtype,
+            spec.quantization,
+            spec.offload,
+        ):
             return preset.name
     return None

@@ -35,10 +35,18 @@ class Project:
     model: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "version": 1, "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           "model": self.model, "request": self.request.to_dict(),
-                           "canvas": {"width": self.width, "height": self.height}, "subjects": self.subjects},
-                          indent=2)
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": 1,
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "model": self.model,
+                "request": self.request.to_dict(),
+                "canvas": {"width": self.width, "height": self.height},
+                "subjects": self.subjects,
+            },
+            indent=2,
+        )
 
     def save(self, folder: Path, stem: str = "composition") -> Path:
         """Written whole or not at all (a temporary file renamed into place)."""
@@ -52,7 +60,7 @@ class Project:
 
 def parse_project(data: Any) -> Project:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise InputError("this is not a Troupe project file (expected \"format\": \"troupe-project\")")
+        raise InputError('this is not a Troupe project file (expected "format": "troupe-project")')
     check_keys(data, "project file", _KEYS)
     if data.get("version") != 1:
         raise InputError(f"project file: unsupported version {data.get('version')!r} (this Troupe reads version 1)")
@@ -66,7 +74,9 @@ def parse_project(data: Any) -> Project:
     if not all(isinstance(v, int) and 8 <= v <= 8192 for v in (width, height)):
         raise InputError("project file: canvas width and height must be whole numbers of pixels")
     subjects = data.get("subjects") or {}
-    if not isinstance(subjects, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in subjects.items()):
+    if not isinstance(subjects, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in subjects.items()
+    ):
         raise InputError("project file: subjects must map names to class words")
     model = data.get("model") or ""
     if not isinstance(model, str):

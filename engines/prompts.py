@@ -51,7 +51,7 @@ def expand_subjects(prompt: str, class_words: Mapping[str, str]) -> tuple[str, l
         name = match.group(1)
         if name not in class_words:
             raise unknown_subject(name, class_words)
-        before = prompt[cursor:match.start()]
+        before = prompt[cursor : match.start()]
         pieces += [before, class_words[name]]
         length += len(before)
         ranges.append((name, length, length + len(class_words[name])))
@@ -67,12 +67,15 @@ def _parse_with(tokenizer, text: str, subject_chars: list[tuple[str, int, int]],
     window = tokenizer.model_max_length - 1  # the last place holds EOS
     if len(ids) > tokenizer.model_max_length:
         log.warning("prompt is %d tokens; the text encoder sees only the first %d", len(ids), window - 1)
-    subjects = tuple(SubjectOccurrence(name, positions_in_chars(offsets, start, end))
-                     for name, start, end in subject_chars)
+    subjects = tuple(
+        SubjectOccurrence(name, positions_in_chars(offsets, start, end)) for name, start, end in subject_chars
+    )
     for subject in subjects:
         if not subject.positions or max(subject.positions) >= window:
-            raise InputError(f"<{subject.name}> lies beyond the text encoder's {window - 1}-token window; "
-                             "shorten the prompt or name the subject earlier")
+            raise InputError(
+                f"<{subject.name}> lies beyond the text encoder's {window - 1}-token window; "
+                "shorten the prompt or name the subject earlier"
+            )
     owned_by_subjects = {p for s in subjects for p in s.positions}
     regions = tuple(_region_positions(tokenizer, region, ids, subjects, owned_by_subjects) for region in layout.regions)
     _check_regions(layout.regions, regions, window)
@@ -87,13 +90,18 @@ def _region_positions(tokenizer, region: Region, ids, subjects, owned_by_subject
     if region.subject is not None:
         positions = tuple(p for s in subjects if s.name == region.subject for p in s.positions)
         if not positions:
-            raise InputError(f"a region is placed for <{region.subject}>, but the prompt does not mention <{region.subject}>")
+            raise InputError(
+                f"a region is placed for <{region.subject}>, but the prompt does not mention <{region.subject}>"
+            )
         return positions
     words = tokenizer(region.phrase, add_special_tokens=False).input_ids
     if not words:
         raise InputError(f"region phrase '{region.phrase}' has no words")
-    found = [tuple(range(i, i + len(words))) for i in range(1, len(ids) - len(words) + 1)
-             if list(ids[i:i + len(words)]) == list(words)]
+    found = [
+        tuple(range(i, i + len(words)))
+        for i in range(1, len(ids) - len(words) + 1)
+        if list(ids[i : i + len(words)]) == list(words)
+    ]
     free = [span for span in found if not owned_by_subjects.intersection(span)]
     if not free:
         where = "only as part of a subject; bind the region to that subject instead" if found else "not in the prompt"
@@ -104,9 +112,13 @@ def _region_positions(tokenizer, region: Region, ids, subjects, owned_by_subject
 def _check_regions(regions: Sequence[Region], positions: Sequence[tuple[int, ...]], window: int) -> None:
     for i, (region, mine) in enumerate(zip(regions, positions)):
         if max(mine) >= window:
-            raise InputError(f"region '{region.label}' binds words beyond the text encoder's {window - 1}-token window;"
-                             " shorten the prompt or move those words earlier")
-        for other, theirs in zip(regions[i + 1:], positions[i + 1:]):
+            raise InputError(
+                f"region '{region.label}' binds words beyond the text encoder's {window - 1}-token window;"
+                " shorten the prompt or move those words earlier"
+            )
+        for other, theirs in zip(regions[i + 1 :], positions[i + 1 :]):
             if set(mine) & set(theirs):
-                raise InputError(f"regions '{region.label}' and '{other.label}' bind the same words of the prompt; "
-                                 "make their phrases distinct")
+                raise InputError(
+                    f"regions '{region.label}' and '{other.label}' bind the same words of the prompt; "
+                    "make their phrases distinct"
+                )

@@ -54,8 +54,10 @@ class Relation:
         found = _PLACEHOLDER.findall(self.template)
         wanted = list(SLOTS[: self.arity])
         if sorted(found) != wanted:
-            raise InputError(f"{where}: the template must contain {' and '.join('{' + s + '}' for s in wanted)} "
-                             f"exactly once each and no other {{...}} (found {found})")
+            raise InputError(
+                f"{where}: the template must contain {' and '.join('{' + s + '}' for s in wanted)} "
+                f"exactly once each and no other {{...}} (found {found})"
+            )
         boxes = tuple(tuple(float(v) for v in _seq(box, where, "box")) for box in _seq(self.boxes, where, "boxes"))
         layers = tuple(_seq(self.layers, where, "layers"))
         if len(boxes) != self.arity or len(layers) != self.arity:
@@ -74,9 +76,16 @@ class Relation:
         return SLOTS[: self.arity]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "arity": self.arity, "template": self.template,
-                "scene": self.scene, "boxes": [list(b) for b in self.boxes], "layers": list(self.layers),
-                "lora": str(self.lora) if self.lora else None}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "arity": self.arity,
+            "template": self.template,
+            "scene": self.scene,
+            "boxes": [list(b) for b in self.boxes],
+            "layers": list(self.layers),
+            "lora": str(self.lora) if self.lora else None,
+        }
 
 
 def _seq(value: Any, where: str, what: str) -> Sequence:
@@ -105,9 +114,16 @@ def parse_relations(data: Any, base: Path = PRESETS_DIR, origin: str = "relation
         where = f"{origin}: relation '{name}'"
         check_keys(entry, where, _REQUIRED | _OPTIONAL, _REQUIRED)
         try:
-            relation = Relation(name=entry["name"], template=entry["template"], arity=entry["arity"],
-                                boxes=entry["boxes"], layers=entry["layers"], kind=entry["kind"],
-                                scene=entry.get("scene", ""), lora=_lora_path(entry.get("lora"), base, where))
+            relation = Relation(
+                name=entry["name"],
+                template=entry["template"],
+                arity=entry["arity"],
+                boxes=entry["boxes"],
+                layers=entry["layers"],
+                kind=entry["kind"],
+                scene=entry.get("scene", ""),
+                lora=_lora_path(entry.get("lora"), base, where),
+            )
         except (TypeError, ValueError) as error:
             message = str(error)
             raise InputError(message if message.startswith(origin) else f"{origin}: {message}") from error
@@ -142,8 +158,12 @@ def get_relation(name: str, relations: Mapping[str, Relation] | None = None) -> 
 Participant = str | SubjectInfo
 
 
-def apply_relation(relation: Relation | str, participants: Sequence[Participant], scene: str = "",
-                   class_words: Mapping[str, str] | None = None) -> tuple[str, Layout]:
+def apply_relation(
+    relation: Relation | str,
+    participants: Sequence[Participant],
+    scene: str = "",
+    class_words: Mapping[str, str] | None = None,
+) -> tuple[str, Layout]:
     """Fill the relation's prompt and propose one region per slot.
 
     A participant is a registered subject (a SubjectInfo, a name in `class_words`, or "<name>") or a plain phrase
@@ -157,7 +177,9 @@ def apply_relation(relation: Relation | str, participants: Sequence[Participant]
         raise InputError(f"'{relation.name}' relates {relation.arity} subject(s); got {len(participants)}")
     words: dict[str, str] = {}
     regions: list[Region] = []
-    for slot, participant, box, layer in zip(relation.slots, participants, relation.boxes, relation.layers, strict=True):
+    for slot, participant, box, layer in zip(
+        relation.slots, participants, relation.boxes, relation.layers, strict=True
+    ):
         name, phrase = _resolve(participant, class_words)
         words[slot] = f"<{name}>" if name else phrase
         regions.append(Region(phrase=phrase, box=box, subject=name, layer=layer))

@@ -61,13 +61,22 @@ class Studio:
 
     def model_info(self) -> dict:
         bundle = self.bundle
-        return {"source": self.model_spec.source, "family": bundle.family, "native_size": bundle.native_size,
-                "device": str(bundle.device), "dtype": str(bundle.dtype).removeprefix("torch."),
-                "fingerprint": bundle.fingerprint}
+        return {
+            "source": self.model_spec.source,
+            "family": bundle.family,
+            "native_size": bundle.native_size,
+            "device": str(bundle.device),
+            "dtype": str(bundle.dtype).removeprefix("torch."),
+            "fingerprint": bundle.fingerprint,
+        }
 
     # Generation -----------------------------------------------------------------------------------------------
-    def generate(self, request: GenerateRequest, on_progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None) -> GenerateResult:
+    def generate(
+        self,
+        request: GenerateRequest,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerateResult:
         from engines.generate import Generator
 
         with self._gpu:
@@ -116,8 +125,12 @@ class Studio:
             self._library = SubjectLibrary(self.library_dir)
         return self._library
 
-    def register(self, request: RegisterRequest, on_progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None) -> SubjectInfo:
+    def register(
+        self,
+        request: RegisterRequest,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> SubjectInfo:
         from engines.register import register_subject
 
         with self._gpu:
@@ -141,8 +154,9 @@ class Studio:
     def push_subject(self, name: str, repo_id: str, token: str | None = None) -> str:
         return self.library.push(name, repo_id, token=token)
 
-    def pull_subject(self, repo_id: str, filename: str, name: str | None = None, token: str | None = None
-                     ) -> SubjectInfo:
+    def pull_subject(
+        self, repo_id: str, filename: str, name: str | None = None, token: str | None = None
+    ) -> SubjectInfo:
         return self.library.pull(repo_id, filename, name=name, token=token)
 
     # Relations, projects and machine presets: torch-free, read by the UI through here --------------------------
@@ -172,9 +186,16 @@ class Studio:
         from engines.project import Project
 
         words = {info.name: info.class_word for info in self.subjects()}
-        named = {r.subject for r in request.layout.regions if r.subject} | {n for n in words if f"<{n}>" in request.prompt}
-        project = Project(request=request, width=width, height=height,
-                          subjects={n: words[n] for n in sorted(named) if n in words}, model=self.model_spec.source)
+        named = {r.subject for r in request.layout.regions if r.subject} | {
+            n for n in words if f"<{n}>" in request.prompt
+        }
+        project = Project(
+            request=request,
+            width=width,
+            height=height,
+            subjects={n: words[n] for n in sorted(named) if n in words},
+            model=self.model_spec.source,
+        )
         return project.save(Path(folder))
 
     @staticmethod

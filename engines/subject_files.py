@@ -25,8 +25,19 @@ THUMBNAIL = "thumbnail.png"
 THUMBNAIL_SIDE = 128
 MAX_CURVE_POINTS = 100  # the stored loss curve is averaged down to this many points (keeps subject.json small)
 EXPORT_KEY = "troupe_subject"
-_META_KEYS = {"format_version": int, "name": str, "class_word": str, "family": str, "fingerprint": str,
-              "created": str, "steps": int, "loss_curve": list, "photos": list, "masks": list, "stats": dict}
+_META_KEYS = {
+    "format_version": int,
+    "name": str,
+    "class_word": str,
+    "family": str,
+    "fingerprint": str,
+    "created": str,
+    "steps": int,
+    "loss_curve": list,
+    "photos": list,
+    "masks": list,
+    "stats": dict,
+}
 
 
 def downsample_curve(curve: list[float] | tuple[float, ...], points: int = MAX_CURVE_POINTS) -> list[float]:
@@ -71,8 +82,9 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
         if key in meta and (not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool))):
             raise InputError(f"{where}: '{key}' must be a {kind.__name__}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise InputError(f"{where}: format version {meta['format_version']} is not supported (this Troupe reads "
-                         f"{FORMAT_VERSION})")
+        raise InputError(
+            f"{where}: format version {meta['format_version']} is not supported (this Troupe reads {FORMAT_VERSION})"
+        )
     check_subject_name(meta["name"])
     if not meta["class_word"].strip() or len(meta["class_word"]) > 100:
         raise InputError(f"{where}: the class word must be 1–100 characters")
@@ -95,8 +107,9 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
 
 
 def to_image(tensor: torch.Tensor, mode: str, where: str) -> Image.Image:
-    ok = tensor.dtype == torch.uint8 and ((mode == "L" and tensor.ndim == 2) or
-                                          (mode == "RGB" and tensor.ndim == 3 and tensor.shape[2] == 3))
+    ok = tensor.dtype == torch.uint8 and (
+        (mode == "L" and tensor.ndim == 2) or (mode == "RGB" and tensor.ndim == 3 and tensor.shape[2] == 3)
+    )
     if not ok or min(tensor.shape[:2]) < 1 or max(tensor.shape[:2]) > 4096:
         raise InputError(f"{where}: an embedded image has a bad shape or type")
     return Image.fromarray(tensor.numpy()).convert(mode)

@@ -88,8 +88,9 @@ SCHEDULERS: dict[str, Sampler] = {
     "ddim": Sampler("DDIM", "DDIMScheduler"),
     "euler": Sampler("Euler", "EulerDiscreteScheduler"),
     "euler_a": Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
-    "dpmpp_2m": Sampler("DPM++ 2M", "DPMSolverMultistepScheduler",
-                        (("algorithm_type", "dpmsolver++"), ("solver_order", 2))),
+    "dpmpp_2m": Sampler(
+        "DPM++ 2M", "DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"), ("solver_order", 2))
+    ),
     "lms": Sampler("LMS", "LMSDiscreteScheduler"),
     "pndm": Sampler("PNDM", "PNDMScheduler", (("skip_prk_steps", True),)),
 }
@@ -110,8 +111,10 @@ class Region:
         _require(bool(self.phrase.strip()) or self.subject is not None, "a region needs a phrase or a subject")
         _require(len(self.box) == 4, f"region '{label}': a box has four numbers x0,y0,x1,y1")
         x0, y0, x1, y1 = self.box
-        _require(all(_finite(v) and 0.0 <= v <= 1.0 for v in self.box),
-                 f"region '{label}': box {self.box} must lie inside the canvas (every number in [0, 1])")
+        _require(
+            all(_finite(v) and 0.0 <= v <= 1.0 for v in self.box),
+            f"region '{label}': box {self.box} must lie inside the canvas (every number in [0, 1])",
+        )
         _require(x1 > x0 and y1 > y0, f"region '{label}': box {self.box} has zero area (need x0 < x1 and y0 < y1)")
         _require(isinstance(self.layer, int) and self.layer >= 0, f"region '{label}': layer must be an integer ≥ 0")
 
@@ -159,13 +162,22 @@ class GuidanceConfig:
     fit_scale: float = 30.0  # step size of the latent update (the public layout-guidance code's 30)
 
     def __post_init__(self) -> None:
-        for name in ("strength", "inside_weight", "other_region_weight", "background_weight", "guided_fraction",
-                     "fit_fraction", "fit_scale"):
+        for name in (
+            "strength",
+            "inside_weight",
+            "other_region_weight",
+            "background_weight",
+            "guided_fraction",
+            "fit_fraction",
+            "fit_scale",
+        ):
             _require(_finite(getattr(self, name)), f"guidance {name} must be a finite number")
         _require(self.strength >= 0, "guidance strength must be ≥ 0")
         _require(0.0 <= self.guided_fraction <= 1.0, "guided fraction must be in [0, 1]")
-        _require(type(self.fit_iterations) is int and 0 <= self.fit_iterations <= self.MAX_FIT_ITERATIONS,
-                 f"box-fitting iterations must be an integer in 0..{self.MAX_FIT_ITERATIONS}")
+        _require(
+            type(self.fit_iterations) is int and 0 <= self.fit_iterations <= self.MAX_FIT_ITERATIONS,
+            f"box-fitting iterations must be an integer in 0..{self.MAX_FIT_ITERATIONS}",
+        )
         _require(0.0 <= self.fit_fraction <= 1.0, "box-fitting fraction must be in [0, 1]")
         _require(self.fit_scale >= 0, "box-fitting scale must be ≥ 0")
 
@@ -192,11 +204,17 @@ class GuidanceMode:
 
 GUIDANCE_MODES: dict[str, GuidanceMode] = {
     "off": GuidanceMode("none", GuidanceConfig.off(), "no layout guidance"),
-    "cones2": GuidanceMode("Cones 2 public settings", GuidanceConfig.cones2_public(),
-                           "the public Cones 2 code: a region's words are masked out everywhere but its box"),
+    "cones2": GuidanceMode(
+        "Cones 2 public settings",
+        GuidanceConfig.cones2_public(),
+        "the public Cones 2 code: a region's words are masked out everywhere but its box",
+    ),
     "troupe": GuidanceMode("Troupe default", GuidanceConfig(), "Troupe's default layout guidance"),
-    "troupe-fitted": GuidanceMode("Troupe default + box fitting", GuidanceConfig().fitted(),
-                                  "the default plus box fitting: objects drawn at their boxes' size (2-4x slower)"),
+    "troupe-fitted": GuidanceMode(
+        "Troupe default + box fitting",
+        GuidanceConfig().fitted(),
+        "the default plus box fitting: objects drawn at their boxes' size (2-4x slower)",
+    ),
 }
 GUIDANCE_ALIASES = {"none": "off", "cones2-public": "cones2"}  # the names the bench used before the CLI's
 
@@ -227,14 +245,17 @@ class GenerateRequest:
         _require(bool(self.prompt.strip()), "the prompt is empty: describe the picture first")
         _require(_whole(self.steps, 1, LIMITS.steps), f"steps must be an integer in 1..{LIMITS.steps}")
         _require(_finite(self.cfg) and 0.0 <= self.cfg <= LIMITS.cfg, f"CFG must be a number in 0..{LIMITS.cfg:g}")
-        _require(self.scheduler in SCHEDULERS,
-                 f"unknown scheduler '{self.scheduler}' (choose from {', '.join(SCHEDULERS)})")
+        _require(
+            self.scheduler in SCHEDULERS, f"unknown scheduler '{self.scheduler}' (choose from {', '.join(SCHEDULERS)})"
+        )
         _require(_whole(self.num_images, 1, LIMITS.images), f"number of images must be 1..{LIMITS.images}")
         _require(self.seed is None or _whole(self.seed, 0, 2**63 - 1), "seed must be an integer ≥ 0")
         for name in ("width", "height"):
             size = getattr(self, name)
-            _require(size is None or (_whole(size, LIMITS.min_side, LIMITS.max_side) and size % 8 == 0),
-                     f"{name} must be a multiple of 8 between {LIMITS.min_side} and {LIMITS.max_side}")
+            _require(
+                size is None or (_whole(size, LIMITS.min_side, LIMITS.max_side) and size % 8 == 0),
+                f"{name} must be a multiple of 8 between {LIMITS.min_side} and {LIMITS.max_side}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -336,18 +357,43 @@ class RegisterPreset:
 # batch of photos reaches a usable Δ in a few hundred steps. λ = 1: both terms are per-element mean squares.
 REGISTER_PRESETS: dict[str, RegisterPreset] = {
     "quick": RegisterPreset(
-        steps=120, lr=3e-5, reg_weight=1.0, batch=2, reg_batch=4, reg_pool=128, delta_sentences=256,
-        checkpoint_every=0, gpu_seconds=40.0,
-        why="a first look in seconds: few steps at a high lr; Δ from 256 sentences (its mean is already stable)"),
+        steps=120,
+        lr=3e-5,
+        reg_weight=1.0,
+        batch=2,
+        reg_batch=4,
+        reg_pool=128,
+        delta_sentences=256,
+        checkpoint_every=0,
+        gpu_seconds=40.0,
+        why="a first look in seconds: few steps at a high lr; Δ from 256 sentences (its mean is already stable)",
+    ),
     "standard": RegisterPreset(
-        steps=300, lr=1.5e-5, reg_weight=1.0, batch=4, reg_batch=8, reg_pool=256, delta_sentences=1000,
-        checkpoint_every=150, gpu_seconds=90.0,
-        why="the default: 300 steps × 4 photos at 3× the paper's lr; Δ over the paper's 1,000 sentences"),
+        steps=300,
+        lr=1.5e-5,
+        reg_weight=1.0,
+        batch=4,
+        reg_batch=8,
+        reg_pool=256,
+        delta_sentences=1000,
+        checkpoint_every=150,
+        gpu_seconds=90.0,
+        why="the default: 300 steps × 4 photos at 3× the paper's lr; Δ over the paper's 1,000 sentences",
+    ),
     "thorough": RegisterPreset(
-        steps=800, lr=8e-6, reg_weight=1.0, batch=4, reg_batch=16, reg_pool=512, delta_sentences=1000,
-        checkpoint_every=200, gpu_seconds=180.0, gradient_checkpointing=True,
+        steps=800,
+        lr=8e-6,
+        reg_weight=1.0,
+        batch=4,
+        reg_batch=16,
+        reg_pool=512,
+        delta_sentences=1000,
+        checkpoint_every=200,
+        gpu_seconds=180.0,
+        gradient_checkpointing=True,
         why="closer to the paper's recipe (lower lr, more steps, a larger L_reg batch) for hard subjects; "
-            "gradient checkpointing keeps SDXL within 24 GB"),
+        "gradient checkpointing keeps SDXL within 24 GB",
+    ),
 }
 # One learning rate for every preset on a model family that needs its own (docs/registration.md).
 FAMILY_LR: dict[str, float] = {"demo": 3e-4}
@@ -365,10 +411,14 @@ class RegisterRequest:
     def __post_init__(self) -> None:
         check_subject_name(self.name)
         _require(bool(self.class_word.strip()), "the class word is empty: say what the subject is (dog, mug, toy...)")
-        _require(1 <= len(self.photos) <= LIMITS.photos,
-                 f"give 1–{LIMITS.photos} photos of the subject (got {len(self.photos)})")
-        _require(self.preset in REGISTER_PRESETS,
-                 f"unknown preset '{self.preset}' (choose from {', '.join(REGISTER_PRESETS)})")
+        _require(
+            1 <= len(self.photos) <= LIMITS.photos,
+            f"give 1–{LIMITS.photos} photos of the subject (got {len(self.photos)})",
+        )
+        _require(
+            self.preset in REGISTER_PRESETS,
+            f"unknown preset '{self.preset}' (choose from {', '.join(REGISTER_PRESETS)})",
+        )
 
 
 @dataclass(frozen=True)
@@ -384,7 +434,11 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         _require(bool(self.source.strip()), "the model source is empty")
-        for name, allowed in (("family", FAMILIES + (None,)), ("dtype", DTYPES), ("quantization", QUANTIZATIONS),
-                              ("offload", OFFLOADS)):
+        for name, allowed in (
+            ("family", FAMILIES + (None,)),
+            ("dtype", DTYPES),
+            ("quantization", QUANTIZATIONS),
+            ("offload", OFFLOADS),
+        ):
             value = getattr(self, name)
             _require(value in allowed, f"unknown {name} '{value}' ({', '.join(a for a in allowed if a)})")

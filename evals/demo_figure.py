@@ -21,13 +21,24 @@ from engines.types import GUIDANCE_MODES, GenerateRequest, Layout, ModelSpec, Re
 
 SCALE = 4
 ROWS = (
-    ("a red ball next to a blue box on grass", "grass",
-     (Region("red ball", (0.05, 0.3, 0.45, 0.7)), Region("blue box", (0.55, 0.3, 0.95, 0.7))), 7),
-    ("a yellow star on top of a purple box on sand", "sand",
-     (Region("purple box", (0.25, 0.5, 0.75, 0.95), layer=0), Region("yellow star", (0.3, 0.05, 0.7, 0.5), layer=1)),
-     3),
-    ("a cyan tent and an orange ring at night", "night",
-     (Region("cyan tent", (0.05, 0.4, 0.5, 0.9)), Region("orange ring", (0.5, 0.05, 0.95, 0.5))), 11),
+    (
+        "a red ball next to a blue box on grass",
+        "grass",
+        (Region("red ball", (0.05, 0.3, 0.45, 0.7)), Region("blue box", (0.55, 0.3, 0.95, 0.7))),
+        7,
+    ),
+    (
+        "a yellow star on top of a purple box on sand",
+        "sand",
+        (Region("purple box", (0.25, 0.5, 0.75, 0.95), layer=0), Region("yellow star", (0.3, 0.05, 0.7, 0.5), layer=1)),
+        3,
+    ),
+    (
+        "a cyan tent and an orange ring at night",
+        "night",
+        (Region("cyan tent", (0.05, 0.4, 0.5, 0.9)), Region("orange ring", (0.5, 0.05, 0.95, 0.5))),
+        11,
+    ),
 )
 
 
@@ -50,7 +61,9 @@ def main() -> None:
     studio = Studio(ModelSpec(args.model))
     tile = 64 * SCALE
     columns = [GUIDANCE_MODES[name].config for name in ("off", "troupe", "troupe-fitted")]
-    figure = Image.new("RGB", ((len(columns) + 1) * tile + (len(columns) + 2) * 8, len(ROWS) * tile + (len(ROWS) + 1) * 8), "white")
+    figure = Image.new(
+        "RGB", ((len(columns) + 1) * tile + (len(columns) + 2) * 8, len(ROWS) * tile + (len(ROWS) + 1) * 8), "white"
+    )
     for row, (prompt, background, regions, seed) in enumerate(ROWS):
         tiles = [layout_picture(background, regions, tile)]
         for guidance in columns:

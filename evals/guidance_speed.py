@@ -42,6 +42,7 @@ def bundle_for(args) -> ModelBundle:
 
 def time_cases(generator: Generator, requests: dict[str, GenerateRequest], repeats: int) -> dict[str, float]:
     """Median seconds per case. The cases take turns (round robin), so warm-up and drift hit them all alike."""
+
     def once(request: GenerateRequest) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -73,11 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     bundle = bundle_for(args)
     generator = Generator(bundle)
-    device = torch.cuda.get_device_name() if bundle.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    device = (
+        torch.cuda.get_device_name() if bundle.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    )
     size = args.size or bundle.native_size
     print(f"model {bundle.spec.source} ({bundle.family}), {size}×{size}, {args.steps} steps, CFG on, {device}")
-    requests = {name: GenerateRequest(PROMPT, layout=layout, guidance=guidance, seed=0, steps=args.steps,
-                                      width=size, height=size) for name, (layout, guidance) in CASES.items()}
+    requests = {
+        name: GenerateRequest(
+            PROMPT, layout=layout, guidance=guidance, seed=0, steps=args.steps, width=size, height=size
+        )
+        for name, (layout, guidance) in CASES.items()
+    }
     seconds = time_cases(generator, requests, args.repeats)
     baseline = seconds["no layout"]
     for name, value in seconds.items():

@@ -93,8 +93,15 @@ def case_from_scene(scene: Scene, seed: int) -> BenchCase:
     colours, categories = tuple(o.colour for o in objects), tuple(o.category for o in objects)
     detections = detect(scene.image)
     recognisable = tuple(found(detections, colour, category) for colour, category in zip(colours, categories))
-    return BenchCase(prompt.replace("on night", "at night").replace("on sky", "in the sky"), Layout(regions),
-                     colours, categories, seed, recognisable, tuple(o.spec for o in objects))
+    return BenchCase(
+        prompt.replace("on night", "at night").replace("on sky", "in the sky"),
+        Layout(regions),
+        colours,
+        categories,
+        seed,
+        recognisable,
+        tuple(o.spec for o in objects),
+    )
 
 
 def found(detections, colour: str, category: str) -> bool:
@@ -112,8 +119,16 @@ def score(image, case: BenchCase, seconds: float) -> CaseScore:
         best = max(overlapping, key=lambda pair: pair[0], default=(0.0, None))
         colour_ok.append(best[0] > 0 and best[1].colour == colour)
         category_ok.append(best[0] > 0 and best[1].category == category)
-    return CaseScore(len(case.colours), tuple(ious), tuple(present), case.recognisable, tuple(colour_ok),
-                     tuple(category_ok), layer_order(image, case), seconds)
+    return CaseScore(
+        len(case.colours),
+        tuple(ious),
+        tuple(present),
+        case.recognisable,
+        tuple(colour_ok),
+        tuple(category_ok),
+        layer_order(image, case),
+        seconds,
+    )
 
 
 def layer_order(image, case: BenchCase) -> tuple[bool, ...]:
@@ -142,13 +157,21 @@ def run_bench(studio: Studio, options: BenchOptions, on_progress: Callable[[Step
     cases = bench_cases(options.count, options.seed)
     info = studio.model_info()
     names = {BENCH_SEED_OFFSET: "bench", HELD_OUT_SEED_OFFSET: "held-out"}
-    report = {"model": info["source"], "family": info["family"], "steps": options.steps, "cfg": options.cfg,
-              "layouts": names.get(options.seed, f"from seed {options.seed}"), "cases": len(cases), "modes": {}}
+    report = {
+        "model": info["source"],
+        "family": info["family"],
+        "steps": options.steps,
+        "cfg": options.cfg,
+        "layouts": names.get(options.seed, f"from seed {options.seed}"),
+        "cases": len(cases),
+        "modes": {},
+    }
     # The scorer's ceiling: the scenes the layouts came from, rendered exactly (occlusion hides some shapes).
     report["modes"]["ground truth"] = summarise([score(random_scene(c.seed).image, c, 0.0) for c in cases])
     if options.modes:  # the model's ceiling: its VAE blurs small stars' points and boxes' corners
         report["modes"]["ground truth through the VAE"] = summarise(
-            [score(studio.vae_roundtrip(random_scene(c.seed).image), c, 0.0) for c in cases])
+            [score(studio.vae_roundtrip(random_scene(c.seed).image), c, 0.0) for c in cases]
+        )
     progress = ImageCounter(len(cases) * len(options.modes), on_progress)
     for mode in options.modes:
         guidance = guidance_mode(mode).config
@@ -156,13 +179,19 @@ def run_bench(studio: Studio, options: BenchOptions, on_progress: Callable[[Step
     return report
 
 
-def score_guidance(studio: Studio, cases: Sequence[BenchCase], guidance: GuidanceConfig, options: BenchOptions,
-                   progress: ImageCounter | None = None) -> list[CaseScore]:
+def score_guidance(
+    studio: Studio,
+    cases: Sequence[BenchCase],
+    guidance: GuidanceConfig,
+    options: BenchOptions,
+    progress: ImageCounter | None = None,
+) -> list[CaseScore]:
     """Generate every case with `guidance` and score it."""
     scores = []
     for case in cases:
-        request = GenerateRequest(case.prompt, layout=case.layout, seed=case.seed, steps=options.steps,
-                                  cfg=options.cfg, guidance=guidance)
+        request = GenerateRequest(
+            case.prompt, layout=case.layout, seed=case.seed, steps=options.steps, cfg=options.cfg, guidance=guidance
+        )
         result = studio.generate(request)
         scores.append(score(np.asarray(result.images[0]), case, result.timings["total"]))
         if progress is not None:
@@ -171,8 +200,11 @@ def score_guidance(studio: Studio, cases: Sequence[BenchCase], guidance: Guidanc
 
 
 def summarise(scores: Sequence[CaseScore]) -> dict:
-    groups = {"1-2 objects": [s for s in scores if s.objects <= 2], "3-4 objects": [s for s in scores if s.objects > 2],
-              "all": list(scores)}
+    groups = {
+        "1-2 objects": [s for s in scores if s.objects <= 2],
+        "3-4 objects": [s for s in scores if s.objects > 2],
+        "all": list(scores),
+    }
     return {name: _metrics(group) for name, group in groups.items() if group}
 
 

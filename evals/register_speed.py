@@ -54,10 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--random-arch", choices=("sd15", "sdxl"), default=None)
     parser.add_argument("--presets", default="quick,standard,thorough")
-    parser.add_argument("--max-steps", type=int, default=None, help="run at most this many steps per preset and "
-                                                                   "extrapolate the full time")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="--random-arch only: train at this size instead of 512 / 1024 (a CPU smoke run)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="run at most this many steps per preset and extrapolate the full time",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="--random-arch only: train at this size instead of 512 / 1024 (a CPU smoke run)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--class-word", default="dog")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -67,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     bundle, label = build_bundle(args)
     load_seconds = time.perf_counter() - started
-    print(f"model: {label}  family {bundle.family}  device {bundle.device}  dtype {bundle.dtype}  "
-          f"native {bundle.native_size}px  (built/loaded in {load_seconds:.1f}s)")
+    print(
+        f"model: {label}  family {bundle.family}  device {bundle.device}  dtype {bundle.dtype}  "
+        f"native {bundle.native_size}px  (built/loaded in {load_seconds:.1f}s)"
+    )
     if bundle.device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name(bundle.device)}")
     rows = []
@@ -83,24 +93,44 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             begin = time.perf_counter()
-            register_subject(bundle, RegisterRequest("bench", args.class_word, photos, preset=preset_name), library,
-                             on_progress=lambda p, stamps=stamps: stamps.append(time.perf_counter()),
-                             overrides={"steps": steps, "checkpoint_every": 0})
+            register_subject(
+                bundle,
+                RegisterRequest("bench", args.class_word, photos, preset=preset_name),
+                library,
+                on_progress=lambda p, stamps=stamps: stamps.append(time.perf_counter()),
+                overrides={"steps": steps, "checkpoint_every": 0},
+            )
             total = time.perf_counter() - begin
             per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else stamps[0] - begin
             setup = total - per_step * steps
             stats = library.meta("bench")["stats"]
             size = (library.root / "bench" / "residuals.safetensors").stat().st_size
             peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
-            rows.append((preset_name, steps, preset.steps, total, per_step, setup + per_step * preset.steps,
-                         stats["l_sub_eval_before"], stats["l_sub_eval_after"], stats["heldout_preservation_error"],
-                         size, peak))
+            rows.append(
+                (
+                    preset_name,
+                    steps,
+                    preset.steps,
+                    total,
+                    per_step,
+                    setup + per_step * preset.steps,
+                    stats["l_sub_eval_before"],
+                    stats["l_sub_eval_after"],
+                    stats["heldout_preservation_error"],
+                    size,
+                    peak,
+                )
+            )
     print()
-    print(f"{'preset':<9} {'steps':>5} {'of':>5} {'seconds':>8} {'s/step':>7} {'est.full s':>10} "
-          f"{'L_sub before→after':>20} {'held-out err':>12} {'Δ bytes':>8} {'peak GiB':>8}")
+    print(
+        f"{'preset':<9} {'steps':>5} {'of':>5} {'seconds':>8} {'s/step':>7} {'est.full s':>10} "
+        f"{'L_sub before→after':>20} {'held-out err':>12} {'Δ bytes':>8} {'peak GiB':>8}"
+    )
     for name, steps, full, total, per_step, estimate, before, after, err, size, peak in rows:
-        print(f"{name:<9} {steps:>5} {full:>5} {total:>8.2f} {per_step:>7.3f} {estimate:>10.1f} "
-              f"{before:>9.4f}→{after:<9.4f} {err:>12.4f} {size:>8} {peak:>8.2f}")
+        print(
+            f"{name:<9} {steps:>5} {full:>5} {total:>8.2f} {per_step:>7.3f} {estimate:>10.1f} "
+            f"{before:>9.4f}→{after:<9.4f} {err:>12.4f} {size:>8} {peak:>8.2f}"
+        )
     return 0
 
 

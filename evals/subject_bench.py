@@ -47,8 +47,9 @@ class Composition:
 
     def prompt(self, subject_words: str) -> str:
         """e.g. "a <stripy> next to an orange ring on grass" (subject_words "<stripy>" or "ball")."""
-        return (f"{with_article(subject_words)} next to {with_article(self.companion)} "
-                f"{BACKGROUND_WORDS[self.background]}")
+        return (
+            f"{with_article(subject_words)} next to {with_article(self.companion)} {BACKGROUND_WORDS[self.background]}"
+        )
 
 
 def compositions(name: str, spec: ObjectSpec, count: int, seed: int = 0) -> list[Composition]:
@@ -64,8 +65,16 @@ def compositions(name: str, spec: ObjectSpec, count: int, seed: int = 0) -> list
         subject_at, companion_at = (left, right) if i % 2 == 0 else (right, left)
         companion = f"{colours[rng.integers(len(colours))]} {categories[rng.integers(len(categories))]}"
         regions = (Region("", _box(subject_at, size), subject=name), Region(companion, _box(companion_at, size)))
-        out.append(Composition(name, spec, Layout(regions), companion, list(BACKGROUNDS)[i % len(BACKGROUNDS)],
-                               seed=7_000_000 + 100 * i + int(rng.integers(100))))
+        out.append(
+            Composition(
+                name,
+                spec,
+                Layout(regions),
+                companion,
+                list(BACKGROUNDS)[i % len(BACKGROUNDS)],
+                seed=7_000_000 + 100 * i + int(rng.integers(100)),
+            )
+        )
     return out
 
 
@@ -91,8 +100,12 @@ def score_identity(image, composition: Composition, seconds: float) -> IdentityS
     return IdentityScore(box_iou(box, best.box), True, looks_right, seconds)
 
 
-def run_subject_bench(studio: Studio, options: BenchOptions, preset: str = "quick",
-                      on_progress: Callable[[StepProgress], None] | None = None) -> dict:
+def run_subject_bench(
+    studio: Studio,
+    options: BenchOptions,
+    preset: str = "quick",
+    on_progress: Callable[[StepProgress], None] | None = None,
+) -> dict:
     """Register each bench subject in a temporary library, compose it with and without its Δ; a JSON-able report."""
     subjects = BENCH_SUBJECTS[:1] if options.quick else BENCH_SUBJECTS
     per_subject = 4 if options.quick else 12
@@ -108,23 +121,29 @@ def run_subject_bench(studio: Studio, options: BenchOptions, preset: str = "quic
             registration_seconds.append(time.perf_counter() - began)
             for composition in compositions(name, spec, per_subject):
                 for row, (prompt, layout) in prompt_variants(composition).items():
-                    request = GenerateRequest(prompt, layout=layout, seed=composition.seed, steps=options.steps,
-                                              cfg=options.cfg)
+                    request = GenerateRequest(
+                        prompt, layout=layout, seed=composition.seed, steps=options.steps, cfg=options.cfg
+                    )
                     result = view.generate(request)
-                    rows[row].append(score_identity(np.asarray(result.images[0]), composition,
-                                                    result.timings["total"]))
+                    rows[row].append(score_identity(np.asarray(result.images[0]), composition, result.timings["total"]))
                     counter.advance()
-    return {"preset": preset, "photos": PHOTOS_PER_SUBJECT, "subjects": [n for n, _ in subjects],
-            "registration_seconds": round(statistics.fmean(registration_seconds), 1),
-            "rows": {row: _identity_metrics(scores) for row, scores in rows.items()}}
+    return {
+        "preset": preset,
+        "photos": PHOTOS_PER_SUBJECT,
+        "subjects": [n for n, _ in subjects],
+        "registration_seconds": round(statistics.fmean(registration_seconds), 1),
+        "rows": {row: _identity_metrics(scores) for row, scores in rows.items()},
+    }
 
 
 def prompt_variants(composition: Composition) -> dict[str, tuple[str, Layout]]:
     """The composition's prompt and layout naming the registered subject, and naming only its class word."""
     subject_region, *rest = composition.layout.regions
     class_region = Region(composition.spec.category, subject_region.box)
-    return {"registered subject": (composition.prompt(f"<{composition.subject}>"), composition.layout),
-            "class word only": (composition.prompt(composition.spec.category), Layout((class_region, *rest)))}
+    return {
+        "registered subject": (composition.prompt(f"<{composition.subject}>"), composition.layout),
+        "class word only": (composition.prompt(composition.spec.category), Layout((class_region, *rest))),
+    }
 
 
 def write_subject_photos(spec: ObjectSpec, folder: Path) -> tuple[str, ...]:

@@ -35,18 +35,27 @@ def main() -> None:
     studio = Studio(ModelSpec(args.model))
     options = BenchOptions(steps=args.steps, cfg=args.cfg)
     cases = bench_cases(args.cases)
-    print("| strength | inside | background | fraction | IoU 1-2 | presence 1-2 | recognisable presence 1-2 | "
-          "IoU 3-4 | presence 3-4 | layer order |")
+    print(
+        "| strength | inside | background | fraction | IoU 1-2 | presence 1-2 | recognisable presence 1-2 | "
+        "IoU 3-4 | presence 3-4 | layer order |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for strength, inside, background, fraction in itertools.product(args.strength, args.inside, args.background,
-                                                                    args.fraction):
-        guidance = GuidanceConfig(strength=strength, inside_weight=inside, background_weight=background,
-                                  guided_fraction=fraction)
+    for strength, inside, background, fraction in itertools.product(
+        args.strength, args.inside, args.background, args.fraction
+    ):
+        guidance = GuidanceConfig(
+            strength=strength, inside_weight=inside, background_weight=background, guided_fraction=fraction
+        )
         report = summarise(score_guidance(studio, cases, guidance, options))
         few, many = report.get("1-2 objects", {}), report.get("3-4 objects", {})
-        cells = [few.get("layout_iou"), few.get("presence"), few.get("recognisable_presence"),
-                 many.get("layout_iou"), many.get("presence"),
-                 report["all"]["layer_order_accuracy"]]
+        cells = [
+            few.get("layout_iou"),
+            few.get("presence"),
+            few.get("recognisable_presence"),
+            many.get("layout_iou"),
+            many.get("presence"),
+            report["all"]["layer_order_accuracy"],
+        ]
         text = " | ".join("–" if v is None else f"{v:.2f}" for v in cells)
         print(f"| {strength:g} | {inside:g} | {background:g} | {fraction:g} | {text} |", flush=True)
 

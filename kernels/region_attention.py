@@ -103,8 +103,9 @@ class RegionAttnProcessor:
     def _cross_bias(self, query: torch.Tensor, key: torch.Tensor, maps: ResolutionMaps) -> torch.Tensor:
         """(QKᵀ + η·M)·s = QKᵀ·s + (η·s)·M: the Eq. 7 bias in SDPA's post-scale units. (B, 1, N, T)."""
         batch, tokens = query.shape[0], key.shape[2]
-        weights = self.state.cached(("cross", id(maps), str(query.device)),
-                                    lambda: maps.token_weights.to(query.device))[:, :tokens]  # (N, T)
+        weights = self.state.cached(
+            ("cross", id(maps), str(query.device)), lambda: maps.token_weights.to(query.device)
+        )[:, :tokens]  # (N, T)
         rows = self.state.conditional_rows(batch)
         scale = query.shape[-1] ** -0.5
         eta = torch.zeros(batch, device=query.device)
@@ -114,8 +115,10 @@ class RegionAttnProcessor:
 
     def _self_bias(self, query: torch.Tensor, maps: ResolutionMaps) -> torch.Tensor:
         batch = query.shape[0]
-        blocked = self.state.cached(("self", id(maps), str(query.device), query.dtype), lambda: torch.where(
-            maps.self_blocked.to(query.device), HARD_MASK, 0.0).to(query.dtype))  # (N, N)
+        blocked = self.state.cached(
+            ("self", id(maps), str(query.device), query.dtype),
+            lambda: torch.where(maps.self_blocked.to(query.device), HARD_MASK, 0.0).to(query.dtype),
+        )  # (N, N)
         bias = torch.zeros((batch, 1) + blocked.shape, dtype=query.dtype, device=query.device)  # (B, 1, N, N)
         bias[self.state.conditional_rows(batch)] = blocked
         return bias

@@ -12,8 +12,13 @@ import sys
 
 from engines.types import Cancelled, InputError
 
-COMMAND_MODULES = ("studio.cli.generate", "studio.cli.register", "studio.cli.subjects", "studio.cli.bench",
-                   "studio.cli.ui")
+COMMAND_MODULES = (
+    "studio.cli.generate",
+    "studio.cli.register",
+    "studio.cli.subjects",
+    "studio.cli.bench",
+    "studio.cli.ui",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

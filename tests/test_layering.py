@@ -60,7 +60,7 @@ def test_no_import_cycles():
     def visit(node: str, path: list[str]) -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
-            assert state.get(nxt) != 1, "import cycle: " + " → ".join(path[path.index(nxt):] + [node, nxt])
+            assert state.get(nxt) != 1, "import cycle: " + " → ".join(path[path.index(nxt) :] + [node, nxt])
             if nxt not in state:
                 visit(nxt, path + [node])
         state[node] = 2

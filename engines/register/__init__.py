@@ -63,9 +63,22 @@ from engines.types import (
 PRESETS = REGISTER_PRESETS  # the same dict object: engines/types.py keeps the one table the UI and CLI read too
 
 __all__ = [
-    "PRESETS", "TEMPLATES_PATH", "TRAIN_PROMPT", "RegisterPreset", "SplicedCondition", "TokenizedBank", "class_mask",
-    "class_token_ids", "encoder_output", "load_sentence_templates", "register_subject", "resolve_preset",
-    "sentence_bank", "split_bank", "tokenize_bank", "unet_condition",
+    "PRESETS",
+    "TEMPLATES_PATH",
+    "TRAIN_PROMPT",
+    "RegisterPreset",
+    "SplicedCondition",
+    "TokenizedBank",
+    "class_mask",
+    "class_token_ids",
+    "encoder_output",
+    "load_sentence_templates",
+    "register_subject",
+    "resolve_preset",
+    "sentence_bank",
+    "split_bank",
+    "tokenize_bank",
+    "unet_condition",
 ]
 
 
@@ -90,16 +103,29 @@ def _file_digest(path: str) -> str:
 
 def _request_key(bundle, request: RegisterRequest, preset: RegisterPreset) -> str:
     """What a checkpoint must match to be resumed: the same photos (by content), settings, model and optimizer."""
-    payload = {"request": {**asdict(request), "photos": [_file_digest(p) for p in request.photos]},
-               "preset": asdict(preset), "fingerprint": bundle.fingerprint, "family": bundle.family,
-               # optimizer state is not portable between AdamW8bit (CUDA + bitsandbytes) and torch AdamW
-               "device": bundle.device.type, "bnb": importlib.util.find_spec("bitsandbytes") is not None}
+    payload = {
+        "request": {**asdict(request), "photos": [_file_digest(p) for p in request.photos]},
+        "preset": asdict(preset),
+        "fingerprint": bundle.fingerprint,
+        "family": bundle.family,
+        # optimizer state is not portable between AdamW8bit (CUDA + bitsandbytes) and torch AdamW
+        "device": bundle.device.type,
+        "bnb": importlib.util.find_spec("bitsandbytes") is not None,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def register_subject(bundle, request: RegisterRequest, library, on_progress: ProgressCallback | None = None,
-                     cancel: threading.Event | None = None, *, overrides: dict[str, Any] | None = None,
-                     overwrite: bool = False, segmenter=None) -> SubjectInfo:
+def register_subject(
+    bundle,
+    request: RegisterRequest,
+    library,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    segmenter=None,
+) -> SubjectInfo:
     """Train Δ for one subject and add it to `library`; nothing is written to the library unless it succeeds.
 
     A cancelled run raises Cancelled after saving a checkpoint under library/.work/<name>/; calling again with the
@@ -111,10 +137,22 @@ def register_subject(bundle, request: RegisterRequest, library, on_progress: Pro
     prepared = prepare_photos(request.photos, bundle.native_size, segmenter)  # validates every photo first
     checkpoint = Checkpoint(library.work_dir(request.name), _request_key(bundle, request, preset))
     trained = train_subject(bundle, request, preset, prepared, checkpoint, on_progress, cancel)
-    info = SubjectInfo(name=request.name, class_word=request.class_word.strip(), family=bundle.family,
-                       fingerprint=bundle.fingerprint, created=datetime.now(timezone.utc).isoformat(),
-                       steps=preset.steps, loss_curve=trained.curve)
-    result = library.add(info, trained.deltas, [p.photo for p in prepared], [p.mask for p in prepared],
-                         overwrite=overwrite, stats=trained.stats)
+    info = SubjectInfo(
+        name=request.name,
+        class_word=request.class_word.strip(),
+        family=bundle.family,
+        fingerprint=bundle.fingerprint,
+        created=datetime.now(timezone.utc).isoformat(),
+        steps=preset.steps,
+        loss_curve=trained.curve,
+    )
+    result = library.add(
+        info,
+        trained.deltas,
+        [p.photo for p in prepared],
+        [p.mask for p in prepared],
+        overwrite=overwrite,
+        stats=trained.stats,
+    )
     library.clear_work(request.name)
     return result

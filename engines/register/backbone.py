@@ -38,9 +38,15 @@ class Backbone:
     def of(cls, bundle) -> Backbone:
         """The backbone of a loaded engines.models.ModelBundle."""
         pipe = bundle.pipe
-        return cls(unet=pipe.unet, vae=pipe.vae, noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-                   device=bundle.device, xl=bundle.is_xl, native_size=bundle.native_size,
-                   amp=_autocast_dtype(bundle.device, pipe.unet.dtype))
+        return cls(
+            unet=pipe.unet,
+            vae=pipe.vae,
+            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+            device=bundle.device,
+            xl=bundle.is_xl,
+            native_size=bundle.native_size,
+            amp=_autocast_dtype(bundle.device, pipe.unet.dtype),
+        )
 
     @property
     def prediction(self) -> str:
@@ -62,8 +68,9 @@ class Backbone:
             return False
         return torch.cuda.get_device_properties(self.device).total_memory < 40 * 2**30
 
-    def noisy_latents(self, latents: torch.Tensor, noise: torch.Tensor,
-                      t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def noisy_latents(
+        self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, target) of Eq. 2 for scaled latents (b, 4, h, w): the target is ε, or v for v-prediction models."""
         noisy = self.noise_scheduler.add_noise(latents, noise, t)  # (b, 4, h, w)
         target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)

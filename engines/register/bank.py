@@ -86,8 +86,10 @@ def sentence_bank(class_word: str, n: int = 1000, templates: dict[str, Any] | No
 
 def split_bank(sentences: list[str], every: int = HELDOUT_EVERY) -> tuple[list[str], list[str]]:
     """(training, held-out): every `every`-th sentence is held out of L_reg."""
-    return ([s for i, s in enumerate(sentences) if i % every != every - 1],
-            [s for i, s in enumerate(sentences) if i % every == every - 1])
+    return (
+        [s for i, s in enumerate(sentences) if i % every != every - 1],
+        [s for i, s in enumerate(sentences) if i % every == every - 1],
+    )
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,9 @@ def tokenize_bank(tokenizers: list, sentences: list[str], class_word: str) -> To
     keep = np.ones(len(sentences), bool)
     for tokenizer in tokenizers:
         cls = class_token_ids(tokenizer, class_word)
-        ids = tokenizer(sentences, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids  # (N, L)
+        ids = tokenizer(
+            sentences, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids  # (N, L)
         windows = ids.unfold(1, len(cls), 1)  # (N, L − n + 1, n)
         hits = (windows == torch.tensor(cls)).all(-1)  # (N, L − n + 1)
         found = hits.any(1)  # (N,)
@@ -124,8 +127,9 @@ def tokenize_bank(tokenizers: list, sentences: list[str], class_word: str) -> To
     index = torch.from_numpy(np.nonzero(keep)[0])  # (N',)
     if len(index) == 0:
         raise InputError(f"the class word {class_word!r} does not fit in the text encoder's window")
-    return TokenizedBank(tuple(sentences[i] for i in index.tolist()), tuple(x[index] for x in all_ids),
-                         tuple(p[index] for p in all_pos))
+    return TokenizedBank(
+        tuple(sentences[i] for i in index.tolist()), tuple(x[index] for x in all_ids), tuple(p[index] for p in all_pos)
+    )
 
 
 def class_mask(pos: torch.Tensor, n_class: int, length: int) -> torch.Tensor:

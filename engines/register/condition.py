@@ -15,8 +15,9 @@ import torch
 from engines.register.bank import TokenizedBank
 
 
-def encoder_output(encoder: torch.nn.Module, ids: torch.Tensor, xl: bool,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def encoder_output(
+    encoder: torch.nn.Module, ids: torch.Tensor, xl: bool, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exactly what the pipeline feeds the UNet from one encoder: (B, 77, width)."""
     mask = attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
     if xl:
@@ -29,22 +30,24 @@ def unet_condition(encoders: list[torch.nn.Module], ids: list[torch.Tensor], xl:
     return torch.cat([encoder_output(e, i, xl) for e, i in zip(encoders, ids)], dim=-1)
 
 
-def class_rows(encoders, bank: TokenizedBank, n_class: tuple[int, ...], device: torch.device,
-               xl: bool) -> list[torch.Tensor]:
+def class_rows(
+    encoders, bank: TokenizedBank, n_class: tuple[int, ...], device: torch.device, xl: bool
+) -> list[torch.Tensor]:
     """Per encoder (N, n_cls, width): fp32 outputs at the class tokens, the terms of Eq. 5's mean (no autocast: Δ is
     stored in fp32)."""
     rows: list[list[torch.Tensor]] = [[] for _ in encoders]
     for i in range(0, len(bank.sentences), 64):
         for k, encoder in enumerate(encoders):
-            out = encoder_output(encoder, bank.ids[k][i:i + 64].to(device), xl).float()  # (b, L, W)
-            pos = bank.class_pos[k][i:i + 64].to(device)  # (b,)
+            out = encoder_output(encoder, bank.ids[k][i : i + 64].to(device), xl).float()  # (b, L, W)
+            pos = bank.class_pos[k][i : i + 64].to(device)  # (b,)
             index = pos[:, None] + torch.arange(n_class[k], device=device)[None]  # (b, n_cls)
             rows[k].append(torch.gather(out, 1, index[..., None].expand(-1, -1, out.shape[-1])))  # (b, n_cls, W)
     return [torch.cat(r) for r in rows]
 
 
-def sdxl_added_condition(encoders, prompt_ids: tuple[torch.Tensor, ...], size: int,
-                         device: torch.device) -> dict[str, torch.Tensor]:
+def sdxl_added_condition(
+    encoders, prompt_ids: tuple[torch.Tensor, ...], size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     """SDXL's pooled text embedding (from the frozen encoder 2: Δ never touches it) and size time ids."""
     pooled = encoders[1](prompt_ids[1], output_hidden_states=True)[0].float()  # (1, proj)
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=device)  # (1, 6)

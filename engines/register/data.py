@@ -88,10 +88,12 @@ class TrainingData:
 @torch.no_grad()
 def encode_photos(backbone: Backbone, prepared: list[PreparedPhoto], use_masks: bool) -> Photos:
     vae, device = backbone.vae, backbone.device
-    pixels = torch.stack([torch.from_numpy(np.asarray(p.photo, np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-                          for p in prepared])  # (n, 3, H, W) in [-1, 1]
-    masks = torch.stack([torch.from_numpy(np.asarray(p.mask, np.float32) / 255.0)[None]
-                         for p in prepared])  # (n, 1, H, W)
+    pixels = torch.stack(
+        [torch.from_numpy(np.asarray(p.photo, np.float32) / 127.5 - 1.0).permute(2, 0, 1) for p in prepared]
+    )  # (n, 3, H, W) in [-1, 1]
+    masks = torch.stack(
+        [torch.from_numpy(np.asarray(p.mask, np.float32) / 255.0)[None] for p in prepared]
+    )  # (n, 1, H, W)
     pixels = torch.cat([pixels, pixels.flip(-1)])  # (2n, 3, H, W)
     masks = torch.cat([masks, masks.flip(-1)])  # (2n, 1, H, W)
     original = vae.dtype
@@ -101,7 +103,7 @@ def encode_photos(backbone: Backbone, prepared: list[PreparedPhoto], use_masks: 
     try:
         means, stds = [], []
         for i in range(0, pixels.shape[0], 4):  # chunks: 20 photos at 1024 px in fp32 would not fit at once
-            dist = vae.encode(pixels[i:i + 4].to(device, vae.dtype)).latent_dist
+            dist = vae.encode(pixels[i : i + 4].to(device, vae.dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
         mean, std = torch.cat(means), torch.cat(stds)  # (2n, 4, h, w)
@@ -133,16 +135,18 @@ def _training_prompt(backbone: Backbone, encoders, prompt: TokenizedBank, n_clas
 @torch.no_grad()
 def _preservation_pool(backbone: Backbone, encoders, reg: TokenizedBank, n_class) -> PreservationPool:
     with backbone.autocast():
-        targets = torch.cat([unet_condition(encoders, [x[i:i + 64].to(backbone.device) for x in reg.ids],
-                                            backbone.xl).float()
-                             for i in range(0, len(reg.sentences), 64)])  # (P, L, D)
+        targets = torch.cat(
+            [
+                unet_condition(encoders, [x[i : i + 64].to(backbone.device) for x in reg.ids], backbone.xl).float()
+                for i in range(0, len(reg.sentences), 64)
+            ]
+        )  # (P, L, D)
     keep = ~class_positions(reg, n_class).to(backbone.device)  # (P, L)
     return PreservationPool(reg.ids, targets, keep)
 
 
 @torch.no_grad()
-def _evaluation(backbone: Backbone, encoders, delta_bank: TokenizedBank, heldout: TokenizedBank,
-                n_class) -> Evaluation:
+def _evaluation(backbone: Backbone, encoders, delta_bank: TokenizedBank, heldout: TokenizedBank, n_class) -> Evaluation:
     frozen_rows = class_rows(encoders, delta_bank, n_class, backbone.device, backbone.xl)
     heldout_ids = _on(backbone.device, heldout.ids)  # per tokenizer (H, L)
     heldout_frozen = unet_condition(encoders, heldout_ids, backbone.xl).float()  # (H, L, D), fp32 without autocast
@@ -150,15 +154,22 @@ def _evaluation(backbone: Backbone, encoders, delta_bank: TokenizedBank, heldout
     return Evaluation(delta_bank, tuple(frozen_rows), heldout_ids, heldout_frozen, heldout_keep)
 
 
-def encode_training_data(backbone: Backbone, tokenizers: list, encoders, class_word: str, preset: RegisterPreset,
-                         prepared: list[PreparedPhoto], use_masks: bool) -> TrainingData:
+def encode_training_data(
+    backbone: Backbone,
+    tokenizers: list,
+    encoders,
+    class_word: str,
+    preset: RegisterPreset,
+    prepared: list[PreparedPhoto],
+    use_masks: bool,
+) -> TrainingData:
     """Tokenize the bank and encode everything the steps and the final measurements read."""
     n_class = tuple(len(class_token_ids(t, class_word)) for t in tokenizers)
     bank = sentence_bank(class_word, max(preset.delta_sentences, preset.reg_pool * 10 // 9 + 10))
     train_sentences, heldout_sentences = split_bank(bank)
     heldout = tokenize_bank(tokenizers, heldout_sentences[:HELDOUT_EVAL], class_word)
-    reg = tokenize_bank(tokenizers, train_sentences[:preset.reg_pool], class_word)
-    delta_bank = tokenize_bank(tokenizers, bank[:preset.delta_sentences], class_word)
+    reg = tokenize_bank(tokenizers, train_sentences[: preset.reg_pool], class_word)
+    delta_bank = tokenize_bank(tokenizers, bank[: preset.delta_sentences], class_word)
     prompt = tokenize_bank(tokenizers, [TRAIN_PROMPT.format(cls=class_word)], class_word)
     pool = _preservation_pool(backbone, encoders, reg, n_class)
     training_prompt = _training_prompt(backbone, encoders, prompt, n_class)

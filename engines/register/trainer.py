@@ -46,8 +46,9 @@ class Trainee:
 
     def state(self) -> TrainingState:
         """What a checkpoint saves and restores: weights, optimizer moments, RNG and the GradScaler."""
-        return TrainingState({f"enc{i}": e for i, e in enumerate(self.encoders)}, self.optimizer,
-                             {"draws": self.generator}, self.scaler)
+        return TrainingState(
+            {f"enc{i}": e for i, e in enumerate(self.encoders)}, self.optimizer, {"draws": self.generator}, self.scaler
+        )
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,10 @@ class _Curves:
 def _trainable_copy(encoder: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """An fp32 copy of a text encoder, detached from any offload hooks of the pipeline."""
     if any(not p.is_floating_point() for p in encoder.parameters()):
-        raise InputError("registering a subject trains a copy of the text encoder, which cannot be quantized: load "
-                         "the model with quantization none for registration (the UNet may stay quantized)")
+        raise InputError(
+            "registering a subject trains a copy of the text encoder, which cannot be quantized: load "
+            "the model with quantization none for registration (the UNet may stay quantized)"
+        )
     tuned = copy.deepcopy(encoder)
     try:
         from accelerate.hooks import remove_hook_from_module
@@ -92,8 +95,9 @@ def _make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.d
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
-def _trainee(backbone: Backbone, encoders: tuple[torch.nn.Module, ...], preset: RegisterPreset, seed: int,
-             checkpointing: bool) -> Trainee:
+def _trainee(
+    backbone: Backbone, encoders: tuple[torch.nn.Module, ...], preset: RegisterPreset, seed: int, checkpointing: bool
+) -> Trainee:
     for e in encoders:
         e.train().requires_grad_(True)
         if checkpointing:
@@ -143,17 +147,19 @@ def _draw(backbone: Backbone, preset: RegisterPreset, data: TrainingData, genera
     """The draws in their fixed order (photos, latent samples, noise, timesteps, sentences): a resume depends on it."""
     device, mean, std = backbone.device, data.photos.mean, data.photos.std
     pick = torch.randint(0, mean.shape[0], (preset.batch,), generator=generator, device=device)  # (b,)
-    latents = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=generator, device=device))
+    latents = mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=generator, device=device)
     latents = latents * backbone.latent_scale  # (b, 4, h, w)
     noise = torch.randn(latents.shape, generator=generator, device=device)  # (b, 4, h, w)
-    t = torch.randint(0, backbone.noise_scheduler.config.num_train_timesteps, (preset.batch,), generator=generator,
-                      device=device)  # (b,)
+    t = torch.randint(
+        0, backbone.noise_scheduler.config.num_train_timesteps, (preset.batch,), generator=generator, device=device
+    )  # (b,)
     rows = torch.randint(0, len(data.pool), (preset.reg_batch,), generator=generator, device=device)  # (R,)
     return _Draw(pick, latents, noise, t, rows)
 
 
-def training_step(backbone: Backbone, preset: RegisterPreset, data: TrainingData,
-                  trainee: Trainee) -> tuple[float, float]:
+def training_step(
+    backbone: Backbone, preset: RegisterPreset, data: TrainingData, trainee: Trainee
+) -> tuple[float, float]:
     """One optimizer step on Eq. 4; returns (L_sub, L_reg)."""
     draw = _draw(backbone, preset, data, trainee.generator)
     noisy, target = backbone.noisy_latents(draw.latents, draw.noise, draw.t)  # (b, 4, h, w) each
@@ -164,8 +170,12 @@ def training_step(backbone: Backbone, preset: RegisterPreset, data: TrainingData
         ids = [torch.cat([p, x[rows].to(backbone.device)]) for p, x in zip(prompt.ids, pool.ids)]  # (1 + R, L)
         encoded = unet_condition(trainee.encoders, ids, backbone.xl)  # (1 + R, L, D)
         cond = prompt.condition(encoded[:1]).expand(preset.batch, -1, -1).to(unet.dtype)  # (b, L, D)
-        pred = unet(noisy.to(unet.dtype), draw.t, encoder_hidden_states=cond,
-                    **backbone.added_kwargs(prompt.added, preset.batch)).sample  # (b, 4, h, w)
+        pred = unet(
+            noisy.to(unet.dtype),
+            draw.t,
+            encoder_hidden_states=cond,
+            **backbone.added_kwargs(prompt.added, preset.batch),
+        ).sample  # (b, 4, h, w)
         l_sub = weighted_denoising_loss(pred, target, data.photos.weights[draw.pick])  # Eq. 2
         per_token = ((encoded[1:].float() - pool.targets[draw.rows]) ** 2).mean(-1)  # (R, L)
         pinned = pool.keep[draw.rows].float()  # (R, L): every position but the class word (Eq. 3)
@@ -203,17 +213,28 @@ def photo_loss(backbone: Backbone, data: TrainingData, encoders) -> float:
     with backbone.autocast():
         cond1 = data.prompt.condition(unet_condition(encoders, data.prompt.ids, backbone.xl)).to(unet.dtype)  # (1,L,D)
         for i in range(0, latents.shape[0], 8):
-            noisy, target = backbone.noisy_latents(latents[i:i + 8], noise_all[i:i + 8], t_all[i:i + 8])
+            noisy, target = backbone.noisy_latents(latents[i : i + 8], noise_all[i : i + 8], t_all[i : i + 8])
             b = noisy.shape[0]
-            pred = unet(noisy.to(unet.dtype), t_all[i:i + 8], encoder_hidden_states=cond1.expand(b, -1, -1),
-                        **backbone.added_kwargs(data.prompt.added, b)).sample  # (b, 4, h, w)
-            losses.append(float(weighted_denoising_loss(pred, target, w_all[i:i + 8])) * b)
+            pred = unet(
+                noisy.to(unet.dtype),
+                t_all[i : i + 8],
+                encoder_hidden_states=cond1.expand(b, -1, -1),
+                **backbone.added_kwargs(data.prompt.added, b),
+            ).sample  # (b, 4, h, w)
+            losses.append(float(weighted_denoising_loss(pred, target, w_all[i : i + 8])) * b)
     return sum(losses) / latents.shape[0]
 
 
-def _run_steps(backbone: Backbone, preset: RegisterPreset, data: TrainingData, trainee: Trainee,
-               checkpoint: Checkpoint, name: str, on_progress: ProgressCallback | None,
-               cancel: threading.Event | None) -> _Curves:
+def _run_steps(
+    backbone: Backbone,
+    preset: RegisterPreset,
+    data: TrainingData,
+    trainee: Trainee,
+    checkpoint: Checkpoint,
+    name: str,
+    on_progress: ProgressCallback | None,
+    cancel: threading.Event | None,
+) -> _Curves:
     """Steps from the checkpoint's (or 0) to the preset's; a cancel saves a checkpoint and raises Cancelled."""
     restored = checkpoint.load(trainee.state())
     start = restored.step if restored else 0
@@ -254,14 +275,22 @@ def _measure(backbone: Backbone, data: TrainingData, encoders) -> tuple[dict[str
     keep = evaluation.heldout_keep  # (H, L)
     drift = (heldout - evaluation.heldout_frozen).norm(dim=-1)[keep]  # (K,) non-class tokens only
     preservation = float(drift.mean() / evaluation.heldout_frozen.norm(dim=-1)[keep].mean())
-    deltas = {ENCODER_KEYS[i]: (t - f).mean(0).float().cpu()
-              for i, (t, f) in enumerate(zip(tuned_rows, evaluation.frozen_rows))}  # (n_cls, width) each
+    deltas = {
+        ENCODER_KEYS[i]: (t - f).mean(0).float().cpu()
+        for i, (t, f) in enumerate(zip(tuned_rows, evaluation.frozen_rows))
+    }  # (n_cls, width) each
     return deltas, preservation
 
 
-def train_subject(bundle, request: RegisterRequest, preset: RegisterPreset, prepared: list[PreparedPhoto],
-                  checkpoint: Checkpoint, on_progress: ProgressCallback | None = None,
-                  cancel: threading.Event | None = None) -> Trained:
+def train_subject(
+    bundle,
+    request: RegisterRequest,
+    preset: RegisterPreset,
+    prepared: list[PreparedPhoto],
+    checkpoint: Checkpoint,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> Trained:
     """Tune a copy of the bundle's text encoder(s) on the photos and return Δ, the loss curve and the run's stats."""
     backbone = Backbone.of(bundle)
     class_word = " ".join(request.class_word.split())
@@ -276,13 +305,24 @@ def train_subject(bundle, request: RegisterRequest, preset: RegisterPreset, prep
         e.eval().requires_grad_(False)
     deltas, preservation = _measure(backbone, data, encoders)
     eval_after = photo_loss(backbone, data, encoders)
-    stats = {"preset": request.preset, "lr": preset.lr, "reg_weight": preset.reg_weight,
-             "batch": preset.batch, "seconds": round(time.perf_counter() - curves.clock, 3),
-             "delta_sentences": len(data.evaluation.delta_bank.sentences), "photos": len(prepared),
-             "use_masks": request.use_masks, "gradient_checkpointing": checkpointing,
-             "prediction_type": backbone.prediction, "seed": request.seed,
-             "final_l_sub": _mean_of_last(curves.sub), "final_l_reg": _mean_of_last(curves.reg),
-             "l_sub_eval_before": eval_before, "l_sub_eval_after": eval_after,
-             "heldout_preservation_error": preservation, "heldout_sentences": data.evaluation.heldout_frozen.shape[0],
-             "delta_norms": [round(float(d.norm()), 6) for d in deltas.values()]}
+    stats = {
+        "preset": request.preset,
+        "lr": preset.lr,
+        "reg_weight": preset.reg_weight,
+        "batch": preset.batch,
+        "seconds": round(time.perf_counter() - curves.clock, 3),
+        "delta_sentences": len(data.evaluation.delta_bank.sentences),
+        "photos": len(prepared),
+        "use_masks": request.use_masks,
+        "gradient_checkpointing": checkpointing,
+        "prediction_type": backbone.prediction,
+        "seed": request.seed,
+        "final_l_sub": _mean_of_last(curves.sub),
+        "final_l_reg": _mean_of_last(curves.reg),
+        "l_sub_eval_before": eval_before,
+        "l_sub_eval_after": eval_after,
+        "heldout_preservation_error": preservation,
+        "heldout_sentences": data.evaluation.heldout_frozen.shape[0],
+        "delta_norms": [round(float(d.norm()), 6) for d in deltas.values()],
+    }
     return Trained(deltas, tuple(curves.total), stats)

@@ -12,20 +12,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="demo, a Hub id, a diffusers folder or a .safetensors file")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                        help="int8/nf4 (bitsandbytes, CUDA); registration needs the text encoder unquantized")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="none",
+        help="int8/nf4 (bitsandbytes, CUDA); registration needs the text encoder unquantized",
+    )
     parser.add_argument("--offload", choices=OFFLOADS, default="none")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The one place where the model options become a ModelSpec."""
-    return ModelSpec(args.model, dtype=args.dtype, quantization=args.quantization, offload=args.offload,
-                     device=args.device)
+    return ModelSpec(
+        args.model, dtype=args.dtype, quantization=args.quantization, offload=args.offload, device=args.device
+    )
 
 
 def add_library_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--library", default=None,
-                        help="subject library folder (default $TROUPE_LIBRARY or ~/.troupe/library)")
+    parser.add_argument(
+        "--library", default=None, help="subject library folder (default $TROUPE_LIBRARY or ~/.troupe/library)"
+    )
 
 
 def studio_for(args: argparse.Namespace, with_model: bool = True):
@@ -39,5 +45,9 @@ def print_progress(progress: StepProgress, unit: str = "step") -> None:
     """One line on stderr, rewritten in place: `step 3/20  loss 0.1234  1.2s  eta 6.8s`."""
     end = "\n" if progress.step == progress.total else "\r"
     loss = f"  loss {progress.loss:.4f}" if progress.loss is not None else ""
-    print(f"{unit} {progress.step}/{progress.total}{loss}  {progress.elapsed:5.1f}s  eta {progress.eta:5.1f}s ",
-          end=end, file=sys.stderr, flush=True)
+    print(
+        f"{unit} {progress.step}/{progress.total}{loss}  {progress.elapsed:5.1f}s  eta {progress.eta:5.1f}s ",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )

@@ -20,14 +20,22 @@ from studio.cli.common import add_library_argument, add_model_arguments, print_p
 
 
 def add_parsers(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="generate images from a prompt and boxes",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images from a prompt and boxes",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the picture; <name> stands for a registered subject")
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--box", action="append", default=[], metavar="WORDS=x0,y0,x1,y1[@layer]",
-                        help="a region: words of the prompt (or <name>) and a box in [0,1]; later boxes are in front "
-                             "unless @layer says otherwise")
+    parser.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        metavar="WORDS=x0,y0,x1,y1[@layer]",
+        help="a region: words of the prompt (or <name>) and a box in [0,1]; later boxes are in front "
+        "unless @layer says otherwise",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random if omitted (it is printed)")
     parser.add_argument("--steps", type=int, default=20, help=f"1..{LIMITS.steps}")
     parser.add_argument("--cfg", type=float, default=7.5, help=f"0..{LIMITS.cfg:g}")
@@ -35,12 +43,17 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--width", type=int, default=None, help="the model's native size if omitted")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--num-images", type=int, default=1, help=f"1..{LIMITS.images}")
-    parser.add_argument("--guidance", choices=list(GUIDANCE_MODES), default="troupe",
-                        help="; ".join(f"{name}: {mode.about}" for name, mode in GUIDANCE_MODES.items()))
+    parser.add_argument(
+        "--guidance",
+        choices=list(GUIDANCE_MODES),
+        default="troupe",
+        help="; ".join(f"{name}: {mode.about}" for name, mode in GUIDANCE_MODES.items()),
+    )
     parser.add_argument("--strength", type=float, default=None, help="override the guidance strength")
     parser.add_argument("--bound-self-attention", action="store_true", help="keep regions apart in self-attention too")
-    parser.add_argument("--fit-boxes", action="store_true",
-                        help="draw objects at their boxes' size (box fitting: 2-4x slower)")
+    parser.add_argument(
+        "--fit-boxes", action="store_true", help="draw objects at their boxes' size (box fitting: 2-4x slower)"
+    )
     add_library_argument(parser)
     parser.add_argument("--out", default="outputs/troupe.png", help="PNG path; a batch gets -1, -2, ... suffixes")
     parser.set_defaults(func=run)
@@ -73,9 +86,19 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
     if args.fit_boxes:
         guidance = guidance.fitted()
     layout = Layout(tuple(parse_box(text, i) for i, text in enumerate(args.box)))
-    return GenerateRequest(prompt=args.prompt, negative_prompt=args.negative, layout=layout, seed=args.seed,
-                           steps=args.steps, cfg=args.cfg, scheduler=args.scheduler, width=args.width,
-                           height=args.height, num_images=args.num_images, guidance=guidance)
+    return GenerateRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        layout=layout,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        scheduler=args.scheduler,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        guidance=guidance,
+    )
 
 
 def output_paths(out: str, count: int) -> list[Path]:

@@ -51,8 +51,18 @@ def run_list(args: argparse.Namespace) -> int:
     subjects = studio_for(args, with_model=False).subjects()
     for info in subjects:
         if args.json:
-            print(json.dumps({"name": info.name, "class_word": info.class_word, "family": info.family,
-                              "fingerprint": info.fingerprint, "created": info.created, "steps": info.steps}))
+            print(
+                json.dumps(
+                    {
+                        "name": info.name,
+                        "class_word": info.class_word,
+                        "family": info.family,
+                        "fingerprint": info.fingerprint,
+                        "created": info.created,
+                        "steps": info.steps,
+                    }
+                )
+            )
         else:
             print(f"{info.name:<20} {info.class_word:<16} {info.family:<6} {info.created[:19]}")
     if not subjects and not args.json:
@@ -92,6 +102,8 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    info = studio_for(args, with_model=False).pull_subject(args.repo_id, args.filename, name=args.name, token=args.token)
+    info = studio_for(args, with_model=False).pull_subject(
+        args.repo_id, args.filename, name=args.name, token=args.token
+    )
     print(f"pulled <{info.name}> ({info.class_word}, {info.family})")
     return 0

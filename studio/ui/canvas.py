@@ -58,8 +58,14 @@ _TEMPLATE = """
 
 
 def canvas_component(value: str, **kwargs: Any) -> gr.HTML:
-    return gr.HTML(value=value, html_template=_TEMPLATE, css_template=(STATIC / "canvas.css").read_text(),
-                   js_on_load=(STATIC / "canvas.js").read_text(), elem_id="canvas", **kwargs)
+    return gr.HTML(
+        value=value,
+        html_template=_TEMPLATE,
+        css_template=(STATIC / "canvas.css").read_text(),
+        js_on_load=(STATIC / "canvas.js").read_text(),
+        elem_id="canvas",
+        **kwargs,
+    )
 
 
 def empty_canvas(width: int = 512, height: int = 512, suggestions: Iterable[str] = ()) -> str:
@@ -82,10 +88,15 @@ def load(text: str | None) -> dict[str, Any]:
         raise InputError(f"the canvas holds at most {LIMITS.regions} regions")
     width, height = data.get("width", 512), data.get("height", 512)
     if not all(_whole(v) and LIMITS.min_side <= v <= LIMITS.max_side for v in (width, height)):
-        raise InputError(f"canvas width and height must be whole numbers of pixels in "
-                         f"{LIMITS.min_side}..{LIMITS.max_side}")
-    return {"width": width, "height": height, "suggestions": list(data.get("suggestions") or []),
-            "regions": [_clean_region(region, index) for index, region in enumerate(regions)]}
+        raise InputError(
+            f"canvas width and height must be whole numbers of pixels in {LIMITS.min_side}..{LIMITS.max_side}"
+        )
+    return {
+        "width": width,
+        "height": height,
+        "suggestions": list(data.get("suggestions") or []),
+        "regions": [_clean_region(region, index) for index, region in enumerate(regions)],
+    }
 
 
 def _clean_region(region: Any, index: int) -> dict[str, Any]:
@@ -94,8 +105,11 @@ def _clean_region(region: Any, index: int) -> dict[str, Any]:
     box = region["box"]
     if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
         raise InputError(f"{where}: box must be four numbers x0,y0,x1,y1")
-    clean = {"id": str(region.get("id") or f"r{index + 1}"), "label": str(region.get("label") or ""),
-             "box": [float(v) for v in box]}
+    clean = {
+        "id": str(region.get("id") or f"r{index + 1}"),
+        "label": str(region.get("label") or ""),
+        "box": [float(v) for v in box],
+    }
     if region.get("layer") is not None:  # an explicit layer; otherwise the list index is the layer
         if not (_whole(region["layer"]) and region["layer"] >= 0):
             raise InputError(f"{where}: layer must be a whole number ≥ 0 (0 is the back)")

@@ -66,79 +66,136 @@ class ComposeTab:
     # ------------------------------------------------------------------------------------------ widgets
     def _relation_card(self) -> None:
         with gr.Group(elem_classes="tr-card"):
-            gr.Markdown("**Relation** — pick how your subjects relate; it fills the prompt and proposes boxes you "
-                        "can move.", elem_classes="tr-hint")
+            gr.Markdown(
+                "**Relation** — pick how your subjects relate; it fills the prompt and proposes boxes you can move.",
+                elem_classes="tr-hint",
+            )
             with gr.Row():
-                choices = [("— none —", "")] + [(r.template.format(a="A", b="B"), r.name)
-                                                 for r in self.relations.values()]
-                self.form["relation"] = gr.Dropdown(choices, value=GenerateForm.relation, label="Relation",
-                                                    elem_id="relation", scale=3)
-                self.slot_a = gr.Dropdown([], value=None, label="Subject A", allow_custom_value=True,
-                                          elem_id="relation-a", scale=2, info="a <subject> or words")
-                self.slot_b = gr.Dropdown([], value=None, label="Subject B", allow_custom_value=True,
-                                          elem_id="relation-b", scale=2)
+                choices = [("— none —", "")] + [
+                    (r.template.format(a="A", b="B"), r.name) for r in self.relations.values()
+                ]
+                self.form["relation"] = gr.Dropdown(
+                    choices, value=GenerateForm.relation, label="Relation", elem_id="relation", scale=3
+                )
+                self.slot_a = gr.Dropdown(
+                    [],
+                    value=None,
+                    label="Subject A",
+                    allow_custom_value=True,
+                    elem_id="relation-a",
+                    scale=2,
+                    info="a <subject> or words",
+                )
+                self.slot_b = gr.Dropdown(
+                    [], value=None, label="Subject B", allow_custom_value=True, elem_id="relation-b", scale=2
+                )
                 self.scene = gr.Textbox("", label="Scene", placeholder="on the beach", elem_id="scene", scale=3)
 
     def _canvas_card(self, native: int, subjects: list[SubjectInfo]) -> None:
         with gr.Group(elem_classes="tr-card"):
             self.form["canvas"] = canvas_component(empty_canvas(native, native, subject_labels(subjects)))
             with gr.Row(elem_classes="tr-add-row"):
-                gr.HTML('<span class="tr-add-label">Add a region</span>', scale=0, min_width=90,
-                        elem_classes="tr-add-label-wrap")
-                self.add_label = gr.Dropdown([], value=None, allow_custom_value=True, show_label=False,
-                                             container=False, scale=4, elem_id="add-region-label", interactive=True)
+                gr.HTML(
+                    '<span class="tr-add-label">Add a region</span>',
+                    scale=0,
+                    min_width=90,
+                    elem_classes="tr-add-label-wrap",
+                )
+                self.add_label = gr.Dropdown(
+                    [],
+                    value=None,
+                    allow_custom_value=True,
+                    show_label=False,
+                    container=False,
+                    scale=4,
+                    elem_id="add-region-label",
+                    interactive=True,
+                )
                 self.add_btn = gr.Button("+ Add region", size="sm", scale=1, min_width=90, elem_id="add-region-btn")
-                self.clear_btn = gr.Button("Clear", size="sm", scale=0, min_width=70, variant="secondary",
-                                           elem_id="clear-canvas-btn")
+                self.clear_btn = gr.Button(
+                    "Clear", size="sm", scale=0, min_width=70, variant="secondary", elem_id="clear-canvas-btn"
+                )
 
     def _settings_card(self, native: int) -> None:
         form, defaults = self.form, GenerateForm()
         with gr.Accordion("Settings for this image", open=True, elem_classes="tr-card"):
             with gr.Row():
                 form["seed"] = gr.Number(value=defaults.seed, precision=0, label="Seed", elem_id="seed", minimum=0)
-                form["random_seed"] = gr.Checkbox(value=defaults.random_seed, label="Random seed",
-                                                  elem_id="random-seed")
-                form["size"] = gr.Dropdown(size_choices(native), value=defaults.size, label="Size", elem_id="size",
-                                           allow_custom_value=True)
+                form["random_seed"] = gr.Checkbox(
+                    value=defaults.random_seed, label="Random seed", elem_id="random-seed"
+                )
+                form["size"] = gr.Dropdown(
+                    size_choices(native), value=defaults.size, label="Size", elem_id="size", allow_custom_value=True
+                )
             with gr.Row():
-                form["steps"] = gr.Slider(1, LIMITS.steps, value=defaults.steps, step=1, label="Steps",
-                                          elem_id="steps")
+                form["steps"] = gr.Slider(1, LIMITS.steps, value=defaults.steps, step=1, label="Steps", elem_id="steps")
                 form["cfg"] = gr.Slider(0, LIMITS.cfg, value=defaults.cfg, step=0.5, label="CFG", elem_id="cfg")
             with gr.Row():
-                form["sampler"] = gr.Dropdown([(s.title, key) for key, s in SCHEDULERS.items()],
-                                              value=defaults.sampler, label="Sampler", elem_id="sampler")
-                form["images"] = gr.Slider(1, LIMITS.images, value=defaults.images, step=1, label="Images",
-                                           elem_id="num-images")
-                form["layout_strength"] = gr.Slider(0, STRENGTH_MAX, value=defaults.layout_strength, step=0.01,
-                                                    label="Layout strength", elem_id="guidance-strength",
-                                                    info="0 = regions off")
-            form["fit_boxes"] = gr.Checkbox(value=defaults.fit_boxes, label="Fit objects to their boxes",
-                                            elem_id="fit-boxes", info="draws objects at their boxes' size; 2-4x slower")
+                form["sampler"] = gr.Dropdown(
+                    [(s.title, key) for key, s in SCHEDULERS.items()],
+                    value=defaults.sampler,
+                    label="Sampler",
+                    elem_id="sampler",
+                )
+                form["images"] = gr.Slider(
+                    1, LIMITS.images, value=defaults.images, step=1, label="Images", elem_id="num-images"
+                )
+                form["layout_strength"] = gr.Slider(
+                    0,
+                    STRENGTH_MAX,
+                    value=defaults.layout_strength,
+                    step=0.01,
+                    label="Layout strength",
+                    elem_id="guidance-strength",
+                    info="0 = regions off",
+                )
+            form["fit_boxes"] = gr.Checkbox(
+                value=defaults.fit_boxes,
+                label="Fit objects to their boxes",
+                elem_id="fit-boxes",
+                info="draws objects at their boxes' size; 2-4x slower",
+            )
 
     def _prompt_column(self) -> None:
-        self.form["prompt"] = gr.Textbox(GenerateForm.prompt, label="Prompt", lines=3, elem_id="prompt",
-                                         placeholder="a photo of <rex> hugging <milo> on the beach — <name> is a "
-                                                     "registered subject; region words must appear here")
-        self.form["negative_prompt"] = gr.Textbox(GenerateForm.negative_prompt, label="Negative prompt", lines=1,
-                                                  elem_id="negative-prompt", placeholder="blurry, low quality")
+        self.form["prompt"] = gr.Textbox(
+            GenerateForm.prompt,
+            label="Prompt",
+            lines=3,
+            elem_id="prompt",
+            placeholder="a photo of <rex> hugging <milo> on the beach — <name> is a "
+            "registered subject; region words must appear here",
+        )
+        self.form["negative_prompt"] = gr.Textbox(
+            GenerateForm.negative_prompt,
+            label="Negative prompt",
+            lines=1,
+            elem_id="negative-prompt",
+            placeholder="blurry, low quality",
+        )
         with gr.Row():
             self.generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
             self.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
         self.status = gr.HTML(idle_html("Ready."), elem_id="gen-status")
-        self.results = gr.Gallery(label="Results (live preview while generating)", format="png", columns=2,
-                                  height=380, elem_id="result-gallery", interactive=False, object_fit="contain",
-                                  buttons=["download", "fullscreen"])
+        self.results = gr.Gallery(
+            label="Results (live preview while generating)",
+            format="png",
+            columns=2,
+            height=380,
+            elem_id="result-gallery",
+            interactive=False,
+            object_fit="contain",
+            buttons=["download", "fullscreen"],
+        )
         with gr.Accordion("Reuse · save · open", open=True, elem_classes="tr-card"):
             with gr.Row():
                 self.reuse_btn = gr.Button("Reuse settings of selected result", size="sm", elem_id="reuse-btn")
-                self.png_in = gr.UploadButton("Open a Troupe PNG", file_types=[".png"], size="sm",
-                                              elem_id="open-png")
+                self.png_in = gr.UploadButton("Open a Troupe PNG", file_types=[".png"], size="sm", elem_id="open-png")
             with gr.Row():
                 self.save_btn = gr.Button("Save project", size="sm", elem_id="save-project")
-                self.project_in = gr.UploadButton("Open project", file_types=[".json"], size="sm",
-                                                  elem_id="open-project")
-            self.project_file = gr.File(label="Project file", interactive=False, visible=False,
-                                        elem_id="project-file")
+                self.project_in = gr.UploadButton(
+                    "Open project", file_types=[".json"], size="sm", elem_id="open-project"
+                )
+            self.project_file = gr.File(label="Project file", interactive=False, visible=False, elem_id="project-file")
 
     # ------------------------------------------------------------------------------------------ events
     def wire(self) -> None:
@@ -151,21 +208,41 @@ class ComposeTab:
         inputs = [relation, self.slot_a, self.slot_b, self.scene, self.canvas]
         outputs = [self.slot_b, self.form["prompt"], self.canvas]
         relation.change(self.relation_picked, relation, [self.scene, self.slot_b], queue=False, **QUIET).then(
-            guarded(self.apply_relation), inputs, outputs, api_name="apply_relation", show_progress="hidden")
+            guarded(self.apply_relation), inputs, outputs, api_name="apply_relation", show_progress="hidden"
+        )
         for trigger in (self.slot_a.change, self.slot_b.change, self.scene.submit):
             trigger(guarded(self.apply_relation), inputs, outputs, **QUIET)
-        self.add_btn.click(guarded(self.new_region), [self.canvas, self.add_label], [self.canvas, self.add_label],
-                           api_name="add_region", show_progress="hidden")
+        self.add_btn.click(
+            guarded(self.new_region),
+            [self.canvas, self.add_label],
+            [self.canvas, self.add_label],
+            api_name="add_region",
+            show_progress="hidden",
+        )
         self.clear_btn.click(guarded(cleared), self.canvas, self.canvas, **QUIET)
         self.size.change(guarded(self.resize_canvas), [self.size, self.canvas], self.canvas, **QUIET)
 
     def _wire_generation(self) -> None:
         inputs = GenerateForm.widgets_in_order(self.form)
         generate = on_gpu(self.gpu, form_handler(GenerateForm, guarded(self.generate)), generate_seconds)
-        self.generate_btn.click(generate, inputs, [self.status, self.results], api_name="generate",
-                                show_progress="minimal", show_progress_on=self.status, **ON_GPU)
-        self.form["prompt"].submit(generate, inputs, [self.status, self.results], api_visibility="undocumented",
-                                   show_progress="minimal", show_progress_on=self.status, **ON_GPU)
+        self.generate_btn.click(
+            generate,
+            inputs,
+            [self.status, self.results],
+            api_name="generate",
+            show_progress="minimal",
+            show_progress_on=self.status,
+            **ON_GPU,
+        )
+        self.form["prompt"].submit(
+            generate,
+            inputs,
+            [self.status, self.results],
+            api_visibility="undocumented",
+            show_progress="minimal",
+            show_progress_on=self.status,
+            **ON_GPU,
+        )
         self.stop_btn.click(self.stop, None, None, queue=False, api_name="stop", show_progress="hidden")
         self.results.select(self.result_selected, None, self.selected_result, **QUIET)
 
@@ -173,10 +250,16 @@ class ComposeTab:
         widgets = GenerateForm.widgets_in_order(self.form)
         self.reuse_btn.click(guarded(self.reuse), self.selected_result, widgets, **QUIET)
         self.png_in.upload(guarded(self.open_png), self.png_in, widgets, api_name="open_png", show_progress="hidden")
-        self.save_btn.click(form_handler(GenerateForm, guarded(self.save_project)), widgets, self.project_file,
-                            api_name="save_project", show_progress="hidden")
-        self.project_in.upload(guarded(self.open_project), self.project_in, widgets, api_name="open_project",
-                               show_progress="hidden")
+        self.save_btn.click(
+            form_handler(GenerateForm, guarded(self.save_project)),
+            widgets,
+            self.project_file,
+            api_name="save_project",
+            show_progress="hidden",
+        )
+        self.project_in.upload(
+            guarded(self.open_project), self.project_in, widgets, api_name="open_project", show_progress="hidden"
+        )
 
     # ------------------------------------------------------------------------------------------ handlers
     def relation_picked(self, relation: str | None) -> tuple[Any, Any]:
@@ -184,8 +267,15 @@ class ComposeTab:
         chosen = self.relations.get(relation or "")
         return gr.update(value=chosen.scene if chosen else ""), gr.update(visible=not chosen or chosen.arity == 2)
 
-    def apply_relation(self, relation: str | None, subject_a: str | None, subject_b: str | None, scene: str | None,
-                       canvas: str, request: gr.Request) -> tuple[Any, Any, Any]:
+    def apply_relation(
+        self,
+        relation: str | None,
+        subject_a: str | None,
+        subject_b: str | None,
+        scene: str | None,
+        canvas: str,
+        request: gr.Request,
+    ) -> tuple[Any, Any, Any]:
         """Fill the prompt and propose boxes once every slot of the relation is filled: (slot B, prompt, canvas)."""
         chosen = self.relations.get(relation or "")
         slot_b = gr.update(visible=not chosen or chosen.arity == 2)
@@ -254,8 +344,12 @@ class ComposeTab:
         """The composition as a .troupe.json (offered as a download)."""
         studio = self.sessions.studio_for(request)
         width, height = size_of(form.canvas)
-        path = studio.save_project(form.to_request(self.sessions.class_words(request)), width, height,
-                                   self.sessions.outputs(request) / "projects")
+        path = studio.save_project(
+            form.to_request(self.sessions.class_words(request)),
+            width,
+            height,
+            self.sessions.outputs(request) / "projects",
+        )
         return gr.update(value=str(path), visible=True)
 
     def open_project(self, file: Any, request: gr.Request) -> tuple[Any, ...]:
@@ -265,12 +359,16 @@ class ComposeTab:
         project = self.sessions.studio.read_project(path)
         missing = sorted(set(project.subjects) - set(self.sessions.class_words(request)))
         if missing:
-            gr.Warning("This project names subjects you have not registered: "
-                       + ", ".join(f"<{m}>" for m in missing) + ". Import them before generating.")
+            gr.Warning(
+                "This project names subjects you have not registered: "
+                + ", ".join(f"<{m}>" for m in missing)
+                + ". Import them before generating."
+            )
         return self._apply(project.request, request, project.width, project.height)
 
-    def _apply(self, wanted: GenerateRequest, request: gr.Request, width: int | None = None,
-               height: int | None = None) -> tuple[Any, ...]:
+    def _apply(
+        self, wanted: GenerateRequest, request: gr.Request, width: int | None = None, height: int | None = None
+    ) -> tuple[Any, ...]:
         """A request back into GenerateForm's widgets; the canvas keeps a project's own size."""
         native = self.sessions.native_size(self.native)
         width, height = width or wanted.width or native, height or wanted.height or native

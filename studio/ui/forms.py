@@ -70,8 +70,10 @@ class Form:
     def signature(cls) -> inspect.Signature:
         """`(request, <fields>...)`: gr.Request first (Gradio fills it in), then one named parameter per field."""
         request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)
-        fields = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default)
-                  for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        fields = [
+            inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default)
+            for f in dataclasses.fields(cls)
+        ]  # type: ignore[arg-type]
         return inspect.Signature([request, *fields])
 
 
@@ -83,11 +85,14 @@ def form_handler(form: type[FormT], fn: Callable[[FormT, gr.Request], Any]) -> C
     `fn` (a streaming job) gives a generator handler, which is how Gradio knows to stream.
     """
     if inspect.isgeneratorfunction(fn):
+
         def handler(request: gr.Request, *values: Any) -> Iterator[Any]:
             yield from fn(form.from_values(values), request)
     else:
+
         def handler(request: gr.Request, *values: Any) -> Any:  # type: ignore[misc]
             return fn(form.from_values(values), request)
+
     handler.__signature__ = form.signature()  # type: ignore[attr-defined]
     handler.__name__ = handler.__qualname__ = fn.__name__
     handler.__doc__ = fn.__doc__
@@ -119,22 +124,39 @@ class GenerateForm(Form):
         width, height = parse_size(self.size)
         guidance = GuidanceConfig(strength=float(self.layout_strength))
         return GenerateRequest(
-            prompt=self.prompt or "", negative_prompt=self.negative_prompt or "",
-            layout=canvas_to_layout(self.canvas, class_words), relation=self.relation or None,
-            seed=None if self.random_seed else int(self.seed or 0), steps=int(self.steps), cfg=float(self.cfg),
-            scheduler=self.sampler, width=width, height=height, num_images=int(self.images),
-            guidance=guidance.fitted() if self.fit_boxes else guidance)
+            prompt=self.prompt or "",
+            negative_prompt=self.negative_prompt or "",
+            layout=canvas_to_layout(self.canvas, class_words),
+            relation=self.relation or None,
+            seed=None if self.random_seed else int(self.seed or 0),
+            steps=int(self.steps),
+            cfg=float(self.cfg),
+            scheduler=self.sampler,
+            width=width,
+            height=height,
+            num_images=int(self.images),
+            guidance=guidance.fitted() if self.fit_boxes else guidance,
+        )
 
     @classmethod
     def from_request(cls, request: GenerateRequest, canvas_json: str, relations: Iterable[str]) -> GenerateForm:
         """A request (from a PNG or a project) back into the widgets; a relation this studio lacks is dropped."""
         sized = request.width is not None or request.height is not None
-        return cls(prompt=request.prompt, negative_prompt=request.negative_prompt, canvas=canvas_json,
-                    relation=request.relation if request.relation in set(relations) else "",
-                    seed=request.seed if request.seed is not None else 0, random_seed=request.seed is None,
-                    size=f"{request.width}x{request.height}" if sized else "native", steps=request.steps,
-                    cfg=request.cfg, sampler=request.scheduler, images=request.num_images,
-                    layout_strength=request.guidance.strength, fit_boxes=request.guidance.fit_iterations > 0)
+        return cls(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            canvas=canvas_json,
+            relation=request.relation if request.relation in set(relations) else "",
+            seed=request.seed if request.seed is not None else 0,
+            random_seed=request.seed is None,
+            size=f"{request.width}x{request.height}" if sized else "native",
+            steps=request.steps,
+            cfg=request.cfg,
+            sampler=request.scheduler,
+            images=request.num_images,
+            layout_strength=request.guidance.strength,
+            fit_boxes=request.guidance.fit_iterations > 0,
+        )
 
 
 def size_choices(native: int) -> list[tuple[str, str]]:
@@ -155,7 +177,7 @@ def with_choice(choices: list[tuple[str, str]], value: str) -> list[tuple[str, s
 
 
 def parse_size(value: str | None) -> tuple[int | None, int | None]:
-    """"native" → (None, None): the model's own size; "512x768" → (512, 768)."""
+    """ "native" → (None, None): the model's own size; "512x768" → (512, 768)."""
     if not value or value == "native":
         return None, None
     try:
@@ -179,8 +201,12 @@ class RegisterForm(Form):
         """The one place where the registration widgets become a RegisterRequest (checked by its constructor)."""
         files = self.photos or []
         paths = [getattr(f, "name", f) for f in (files if isinstance(files, list) else [files])]
-        return RegisterRequest(name=(self.name or "").strip(), class_word=(self.class_word or "").strip(),
-                               photos=check_photos(paths), preset=self.preset or "standard")
+        return RegisterRequest(
+            name=(self.name or "").strip(),
+            class_word=(self.class_word or "").strip(),
+            photos=check_photos(paths),
+            preset=self.preset or "standard",
+        )
 
     def gpu_seconds(self) -> float:
         """How long a Space may hold the GPU for this registration (the preset says)."""
@@ -217,10 +243,20 @@ class ModelForm(Form):
 
     def to_request(self) -> ModelSpec:
         """The one place where the settings widgets become a ModelSpec (checked by its constructor)."""
-        return ModelSpec(source=(self.source or "").strip(), device=self.device, dtype=self.dtype,
-                         quantization=self.quantization, offload=self.offload)
+        return ModelSpec(
+            source=(self.source or "").strip(),
+            device=self.device,
+            dtype=self.dtype,
+            quantization=self.quantization,
+            offload=self.offload,
+        )
 
     @classmethod
     def from_request(cls, spec: ModelSpec) -> ModelForm:
-        return cls(source=spec.source, device=spec.device, dtype=spec.dtype, quantization=spec.quantization,
-                   offload=spec.offload)
+        return cls(
+            source=spec.source,
+            device=spec.device,
+            dtype=spec.dtype,
+            quantization=spec.quantization,
+            offload=spec.offload,
+        )

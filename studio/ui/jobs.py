@@ -58,12 +58,14 @@ def guarded(fn: Callable) -> Callable:
     functools.wraps keeps `__wrapped__`, through which Gradio reads the signature: the parameter names (the API's)
     and the gr.Request annotation it fills in."""
     if inspect.isgeneratorfunction(fn):
+
         @functools.wraps(fn)
         def streaming(*args: Any, **kwargs: Any) -> Iterator[Any]:
             try:
                 yield from fn(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - every error becomes one readable line
                 raise readable(error) from None
+
         return streaming
 
     @functools.wraps(fn)
@@ -72,6 +74,7 @@ def guarded(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - every error becomes one readable line
             raise readable(error) from None
+
     return plain
 
 

@@ -28,27 +28,42 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 def launch_options() -> dict[str, Any]:
     """Theme and CSS: in Gradio 6 they are arguments of `launch()`."""
-    theme = gr.themes.Soft(primary_hue="orange", secondary_hue="slate", neutral_hue="slate",
-                           font=["Inter", "ui-sans-serif", "system-ui", "sans-serif"],
-                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+    theme = gr.themes.Soft(
+        primary_hue="orange",
+        secondary_hue="slate",
+        neutral_hue="slate",
+        font=["Inter", "ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "monospace"],
+    )
     return {"theme": theme, "css": (STATIC / "studio.css").read_text()}
 
 
-def build_ui(studio: Studio, *, per_user_library: str | Path | None = None, gpu: GpuWrapper | None = None,
-             allow_model_switch: bool = True, outputs_dir: str | Path | None = "outputs",
-             title: str = "Troupe Studio") -> gr.Blocks:
+def build_ui(
+    studio: Studio,
+    *,
+    per_user_library: str | Path | None = None,
+    gpu: GpuWrapper | None = None,
+    allow_model_switch: bool = True,
+    outputs_dir: str | Path | None = "outputs",
+    title: str = "Troupe Studio",
+) -> gr.Blocks:
     """The whole studio as a gr.Blocks. `per_user_library`: a root folder under which every browser session gets
     its own subject library (Spaces). `gpu`: wraps the GPU handlers (spaces.GPU) with a duration from the inputs."""
-    sessions = Sessions(studio, Path(per_user_library) if per_user_library else None,
-                        Path(outputs_dir).expanduser().resolve() if outputs_dir else None)
+    sessions = Sessions(
+        studio,
+        Path(per_user_library) if per_user_library else None,
+        Path(outputs_dir).expanduser().resolve() if outputs_dir else None,
+    )
     allow_model_switch = allow_model_switch and not per_user_library  # the visitors' views share one model
     info = _model_info(studio)
     native = int(info.get("native_size") or 512)
     subjects = [] if per_user_library else studio.subjects()  # per-visitor lists arrive with the page load
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         with gr.Row(elem_classes="tr-header"):
-            gr.HTML('<div class="tr-title"><span class="tr-logo">◐</span> Troupe Studio'
-                    '<small>your subjects, together — layout, layers, relations</small></div>')
+            gr.HTML(
+                '<div class="tr-title"><span class="tr-logo">◐</span> Troupe Studio'
+                "<small>your subjects, together — layout, layers, relations</small></div>"
+            )
             badge = gr.HTML(model_badge(info), elem_classes="tr-badge-wrap")
         with gr.Tabs(elem_id="tabs") as tabs:
             compose = ComposeTab(sessions, gpu, native, subjects)
@@ -69,8 +84,13 @@ def _model_info(studio: Studio) -> dict[str, Any]:
         return studio.model_info()
     except Exception as error:  # noqa: BLE001 - shown in the Settings tab instead
         log.warning("model not loaded yet: %s", error)
-        return {"source": studio.model_spec.source, "family": "?", "native_size": 512, "device": "?",
-                "status": f"not loaded: {error}"}
+        return {
+            "source": studio.model_spec.source,
+            "family": "?",
+            "native_size": 512,
+            "device": "?",
+            "status": f"not loaded: {error}",
+        }
 
 
 class SubjectLists:
@@ -102,8 +122,10 @@ def make_studio(model: str, library: str | None = None, vram: str | None = None)
     return Studio(spec, library)
 
 
-def serve(demo: gr.Blocks, host: str | None = "127.0.0.1", port: int | None = 7860, share: bool = False,
-          **kwargs: Any) -> Any:
+def serve(
+    demo: gr.Blocks, host: str | None = "127.0.0.1", port: int | None = 7860, share: bool = False, **kwargs: Any
+) -> Any:
     """One GPU job at a time across the app (plus the shared "gpu" queue for generate/register/load)."""
-    return demo.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, share=share,
-                                                          **launch_options(), **kwargs)
+    return demo.queue(default_concurrency_limit=1).launch(
+        server_name=host, server_port=port, share=share, **launch_options(), **kwargs
+    )

@@ -44,41 +44,67 @@ class SettingsTab:
                     self._model_card(ModelForm.from_request(sessions.studio.model_spec))
                 with gr.Column(scale=2, elem_classes="tr-card"):
                     self.info = gr.Markdown(model_markdown(info), elem_id="model-info")
-                    library = library_markdown(sessions.studio.library_dir, sessions.per_user_root is not None,
-                                               sessions.outputs_dir)
+                    library = library_markdown(
+                        sessions.studio.library_dir, sessions.per_user_root is not None, sessions.outputs_dir
+                    )
                     gr.Markdown(library, elem_id="library-info")
                     gr.Markdown(vram_markdown(self.vram))
 
     def _model_card(self, current: ModelForm) -> None:
         form, editable = self.form, self.allow_switch
-        form["source"] = gr.Textbox(value=current.source, label="Model source", elem_id="model-source",
-                                    interactive=editable,
-                                    info="demo · a Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5) · a local "
-                                         "diffusers folder or .safetensors file")
-        self.preset = gr.Dropdown(list(self.vram), value=preset_of(self.sessions.studio.model_spec, self.vram),
-                                  label="Machine preset", elem_id="vram-preset", interactive=editable)
+        form["source"] = gr.Textbox(
+            value=current.source,
+            label="Model source",
+            elem_id="model-source",
+            interactive=editable,
+            info="demo · a Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5) · a local "
+            "diffusers folder or .safetensors file",
+        )
+        self.preset = gr.Dropdown(
+            list(self.vram),
+            value=preset_of(self.sessions.studio.model_spec, self.vram),
+            label="Machine preset",
+            elem_id="vram-preset",
+            interactive=editable,
+        )
         with gr.Row():
-            form["device"] = gr.Dropdown(list(DEVICES), value=current.device, label="Device", elem_id="device",
-                                         interactive=editable)
-            form["dtype"] = gr.Dropdown(list(DTYPES), value=current.dtype, label="Precision", elem_id="dtype",
-                                        interactive=editable)
-            form["quantization"] = gr.Dropdown(list(QUANTIZATIONS), value=current.quantization, label="Quantization",
-                                               elem_id="quantization", interactive=editable)
-            form["offload"] = gr.Dropdown(list(OFFLOADS), value=current.offload, label="Offload", elem_id="offload",
-                                          interactive=editable)
+            form["device"] = gr.Dropdown(
+                list(DEVICES), value=current.device, label="Device", elem_id="device", interactive=editable
+            )
+            form["dtype"] = gr.Dropdown(
+                list(DTYPES), value=current.dtype, label="Precision", elem_id="dtype", interactive=editable
+            )
+            form["quantization"] = gr.Dropdown(
+                list(QUANTIZATIONS),
+                value=current.quantization,
+                label="Quantization",
+                elem_id="quantization",
+                interactive=editable,
+            )
+            form["offload"] = gr.Dropdown(
+                list(OFFLOADS), value=current.offload, label="Offload", elem_id="offload", interactive=editable
+            )
         self.load_btn = gr.Button("Load model", variant="primary", elem_id="load-model-btn", interactive=editable)
-        self.status = gr.HTML(idle_html("The model loads once; switching waits for running jobs."),
-                              elem_id="load-status")
+        self.status = gr.HTML(
+            idle_html("The model loads once; switching waits for running jobs."), elem_id="load-status"
+        )
 
     # ------------------------------------------------------------------------------------------ events
     def wire(self, badge: Any, size: Any) -> None:
         """`badge` (the header's) and `size` (Compose's size picker) follow the loaded model."""
-        self.preset.change(self.preset_chosen, self.preset, [self.form[name] for name in PRESET_FIELDS], queue=False,
-                           **QUIET)
+        self.preset.change(
+            self.preset_chosen, self.preset, [self.form[name] for name in PRESET_FIELDS], queue=False, **QUIET
+        )
         load = on_gpu(self.gpu, form_handler(ModelForm, guarded(self.load_model)), load_seconds)
-        self.load_btn.click(load, ModelForm.widgets_in_order(self.form), [self.status, self.info, badge, size],
-                            api_name="load_model", show_progress="minimal", show_progress_on=self.status,
-                            **ON_GPU)
+        self.load_btn.click(
+            load,
+            ModelForm.widgets_in_order(self.form),
+            [self.status, self.info, badge, size],
+            api_name="load_model",
+            show_progress="minimal",
+            show_progress_on=self.status,
+            **ON_GPU,
+        )
 
     # ------------------------------------------------------------------------------------------ handlers
     def preset_chosen(self, name: str | None) -> tuple[Any, ...]:
@@ -93,11 +119,20 @@ class SettingsTab:
         if not self.allow_switch:
             raise InputError("this studio's model is fixed (switching is off here)")
         spec = form.to_request()
-        yield progress_html(f"Loading {spec.source}…", extra="other jobs wait their turn"), gr.skip(), gr.skip(), gr.skip()
+        yield (
+            progress_html(f"Loading {spec.source}…", extra="other jobs wait their turn"),
+            gr.skip(),
+            gr.skip(),
+            gr.skip(),
+        )
         started = time.perf_counter()
         studio = self.sessions.studio
         studio.load_model(spec)
         info = studio.model_info()
         native = int(info.get("native_size") or self.native)
-        yield (progress_html(f"Loaded {spec.source}", extra=f"{time.perf_counter() - started:.1f}s", state="done"),
-               model_markdown(info), model_badge(info), gr.update(choices=size_choices(native), value="native"))
+        yield (
+            progress_html(f"Loaded {spec.source}", extra=f"{time.perf_counter() - started:.1f}s", state="done"),
+            model_markdown(info),
+            model_badge(info),
+            gr.update(choices=size_choices(native), value="native"),
+        )

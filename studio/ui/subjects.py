@@ -18,8 +18,24 @@ from studio.ui.forms import RegisterForm, form_handler
 from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu, stream
 from studio.ui.views import idle_html, progress_html, subject_cards, subject_markdown
 
-CLASS_WORDS = ("dog", "cat", "person", "toy", "plushie", "teddy bear", "mug", "backpack", "sneaker", "car", "bird",
-               "ball", "box", "tent", "star", "ring")  # suggestions only; the last five are the demo world's objects
+CLASS_WORDS = (
+    "dog",
+    "cat",
+    "person",
+    "toy",
+    "plushie",
+    "teddy bear",
+    "mug",
+    "backpack",
+    "sneaker",
+    "car",
+    "bird",
+    "ball",
+    "box",
+    "tent",
+    "star",
+    "ring",
+)  # suggestions only; the last five are the demo world's objects
 PICK_ONE = "Select a subject to rename, export or delete it."
 # Given an event's `.then` or `.success`, chains "refresh every subject picker" after an event that changed the library
 LibraryChanged = Callable[[Callable[..., Any]], Any]
@@ -45,13 +61,28 @@ class SubjectsTab:
 
     # ------------------------------------------------------------------------------------------ widgets
     def _library_column(self, subjects: list[SubjectInfo]) -> None:
-        self.gallery = gr.Gallery(value=subject_cards(subjects), label="Your subjects", columns=4, height=300,
-                                  allow_preview=False, format="png", fit_columns=False, elem_id="subject-gallery",
-                                  object_fit="cover", interactive=False)
+        self.gallery = gr.Gallery(
+            value=subject_cards(subjects),
+            label="Your subjects",
+            columns=4,
+            height=300,
+            allow_preview=False,
+            format="png",
+            fit_columns=False,
+            elem_id="subject-gallery",
+            object_fit="cover",
+            interactive=False,
+        )
         self.detail = gr.Markdown(PICK_ONE, elem_id="subject-detail")
         with gr.Row():
-            self.pick = gr.Dropdown([s.name for s in subjects], value=None, label="Subject", elem_id="subject-pick",
-                                    scale=2, allow_custom_value=True)
+            self.pick = gr.Dropdown(
+                [s.name for s in subjects],
+                value=None,
+                label="Subject",
+                elem_id="subject-pick",
+                scale=2,
+                allow_custom_value=True,
+            )
             self.rename_to = gr.Textbox(label="New name", scale=2, elem_id="rename-to")
         with gr.Row():
             self.rename_btn = gr.Button("Rename", size="sm", scale=1, elem_id="rename-btn")
@@ -59,24 +90,38 @@ class SubjectsTab:
             self.place_btn = gr.Button("Place on canvas", size="sm", scale=1, variant="primary", elem_id="place-btn")
             self.delete_btn = gr.Button("Delete", size="sm", variant="stop", scale=1, elem_id="delete-btn")
         with gr.Row():
-            self.export_file = gr.File(label="Exported subject (.safetensors)", interactive=False, visible=False,
-                                       elem_id="export-file")
-            self.import_btn = gr.UploadButton("Import a subject (.safetensors)", file_types=[".safetensors"],
-                                              size="sm", elem_id="import-btn")
+            self.export_file = gr.File(
+                label="Exported subject (.safetensors)", interactive=False, visible=False, elem_id="export-file"
+            )
+            self.import_btn = gr.UploadButton(
+                "Import a subject (.safetensors)", file_types=[".safetensors"], size="sm", elem_id="import-btn"
+            )
 
     def _register_card(self) -> None:
-        gr.Markdown(f"### New subject\nDrop 1–{LIMITS.photos} photos of one subject (more angles, plain backgrounds "
-                    "help). Give it a name you'll type as `<name>` in prompts.")
-        self.form["photos"] = gr.File(label="Photos", file_count="multiple", file_types=["image"],
-                                      elem_id="subject-photos", height=140)
+        gr.Markdown(
+            f"### New subject\nDrop 1–{LIMITS.photos} photos of one subject (more angles, plain backgrounds "
+            "help). Give it a name you'll type as `<name>` in prompts."
+        )
+        self.form["photos"] = gr.File(
+            label="Photos", file_count="multiple", file_types=["image"], elem_id="subject-photos", height=140
+        )
         with gr.Row():
             self.form["name"] = gr.Textbox(label="Name", placeholder="rex", elem_id="subject-name")
-            self.form["class_word"] = gr.Dropdown(list(CLASS_WORDS), value=None, allow_custom_value=True,
-                                                  label="Class word", elem_id="subject-class",
-                                                  info="what it is: dog, mug, toy…")
-        self.form["preset"] = gr.Radio(list(REGISTER_PRESETS), value=RegisterForm.preset, label="Preset",
-                                       elem_id="reg-preset",
-                                       info="quick: a first look · standard: default · thorough: hard subjects")
+            self.form["class_word"] = gr.Dropdown(
+                list(CLASS_WORDS),
+                value=None,
+                allow_custom_value=True,
+                label="Class word",
+                elem_id="subject-class",
+                info="what it is: dog, mug, toy…",
+            )
+        self.form["preset"] = gr.Radio(
+            list(REGISTER_PRESETS),
+            value=RegisterForm.preset,
+            label="Preset",
+            elem_id="reg-preset",
+            info="quick: a first look · standard: default · thorough: hard subjects",
+        )
         with gr.Row():
             self.register_btn = gr.Button("Register", variant="primary", elem_id="register-btn", scale=3)
             self.cancel_btn = gr.Button("Cancel", variant="stop", elem_id="register-cancel", scale=1)
@@ -86,19 +131,37 @@ class SubjectsTab:
     def wire(self, library_changed: LibraryChanged, canvas: Any, tabs: Any) -> None:
         """`canvas` and `tabs`: "Place on canvas" adds a region there and switches to the Compose tab."""
         register = on_gpu(self.gpu, form_handler(RegisterForm, guarded(self.register)), register_seconds)
-        registered = self.register_btn.click(register, RegisterForm.widgets_in_order(self.form),
-                                             [self.status, self.gallery], api_name="register",
-                                             show_progress="minimal", show_progress_on=self.status, **ON_GPU)
-        renamed = self.rename_btn.click(guarded(self.rename), [self.pick, self.rename_to], [self.pick, self.detail],
-                                        api_name="rename_subject", show_progress="hidden")
-        deleted = self.delete_btn.click(guarded(self.delete), self.pick, [self.pick, self.detail],
-                                        api_name="delete_subject", show_progress="hidden")
-        imported = self.import_btn.upload(guarded(self.import_subject), self.import_btn, self.detail,
-                                          api_name="import_subject", show_progress="hidden")
+        registered = self.register_btn.click(
+            register,
+            RegisterForm.widgets_in_order(self.form),
+            [self.status, self.gallery],
+            api_name="register",
+            show_progress="minimal",
+            show_progress_on=self.status,
+            **ON_GPU,
+        )
+        renamed = self.rename_btn.click(
+            guarded(self.rename),
+            [self.pick, self.rename_to],
+            [self.pick, self.detail],
+            api_name="rename_subject",
+            show_progress="hidden",
+        )
+        deleted = self.delete_btn.click(
+            guarded(self.delete), self.pick, [self.pick, self.detail], api_name="delete_subject", show_progress="hidden"
+        )
+        imported = self.import_btn.upload(
+            guarded(self.import_subject),
+            self.import_btn,
+            self.detail,
+            api_name="import_subject",
+            show_progress="hidden",
+        )
         for chain in (registered.then, renamed.success, deleted.success, imported.success):
             library_changed(chain)
-        self.export_btn.click(guarded(self.export), self.pick, self.export_file, api_name="export_subject",
-                              show_progress="hidden")
+        self.export_btn.click(
+            guarded(self.export), self.pick, self.export_file, api_name="export_subject", show_progress="hidden"
+        )
         self.place_btn.click(guarded(self.place), [self.pick, canvas], [canvas, tabs], **QUIET)
         self.cancel_btn.click(self.cancel_registration, None, None, queue=False, **QUIET)
         self.gallery.select(self.card_selected, None, self.pick, **QUIET)
@@ -125,8 +188,10 @@ class SubjectsTab:
                 if kind == "progress":
                     yield progress_html(title, item), gr.skip()
                 else:
-                    yield (progress_html(f"<{item.name}> is ready", extra=f"{item.steps} steps", state="done"),
-                           subject_cards(studio.subjects()))
+                    yield (
+                        progress_html(f"<{item.name}> is ready", extra=f"{item.steps} steps", state="done"),
+                        subject_cards(studio.subjects()),
+                    )
         except Cancelled:
             yield idle_html("Registration cancelled — nothing was saved."), gr.skip()
 
@@ -149,8 +214,10 @@ class SubjectsTab:
     def rename(self, name: str | None, new_name: str | None, request: gr.Request) -> tuple[Any, str]:
         renamed = self.sessions.studio_for(request).rename_subject(_picked(name), (new_name or "").strip())
         names = [s.name for s in self.sessions.subjects(request)]
-        return (gr.update(choices=names, value=renamed.name),
-                f"Renamed `<{name}>` to `<{renamed.name}>`. Prompts that use `<{name}>` need updating.")
+        return (
+            gr.update(choices=names, value=renamed.name),
+            f"Renamed `<{name}>` to `<{renamed.name}>`. Prompts that use `<{name}>` need updating.",
+        )
 
     def delete(self, name: str | None, request: gr.Request) -> tuple[Any, str]:
         self.sessions.studio_for(request).delete_subject(_picked(name))

@@ -29,13 +29,17 @@ def progress_html(title: str, progress: StepProgress | None = None, extra: str =
         if progress.step < progress.total:
             bits.append(f"ETA {progress.eta:.0f}s")
         detail = " · ".join(bits) + (f" · {extra}" if extra else "")
-    return (f'<div class="tr-progress tr-{state}"><div class="tr-progress-head"><b>{html.escape(title)}</b>'
-            f'<span>{html.escape(detail)}</span></div><div class="tr-bar"><div style="width:{percent}%"></div></div>'
-            f'</div>')
+    return (
+        f'<div class="tr-progress tr-{state}"><div class="tr-progress-head"><b>{html.escape(title)}</b>'
+        f'<span>{html.escape(detail)}</span></div><div class="tr-bar"><div style="width:{percent}%"></div></div>'
+        f"</div>"
+    )
 
 
 def idle_html(text: str) -> str:
-    return f'<div class="tr-progress tr-idle"><div class="tr-progress-head"><span>{html.escape(text)}</span></div></div>'
+    return (
+        f'<div class="tr-progress tr-idle"><div class="tr-progress-head"><span>{html.escape(text)}</span></div></div>'
+    )
 
 
 def subject_cards(subjects: Iterable[SubjectInfo]) -> list[tuple[Any, str]]:
@@ -61,14 +65,18 @@ def subject_markdown(subject: SubjectInfo) -> str:
     curve = f" · final loss {subject.loss_curve[-1]:.4f}" if subject.loss_curve else ""
     if subject.photo_loss:
         curve += f" · loss on its photos {subject.photo_loss[0]:.4f} → {subject.photo_loss[1]:.4f}"
-    return (f"**`<{subject.name}>`** — a {subject.class_word} · model family `{subject.family}` · "
-            f"{subject.steps} steps{curve} · registered {subject.created[:16].replace('T', ' ')}")
+    return (
+        f"**`<{subject.name}>`** — a {subject.class_word} · model family `{subject.family}` · "
+        f"{subject.steps} steps{curve} · registered {subject.created[:16].replace('T', ' ')}"
+    )
 
 
 def model_badge(info: dict[str, Any]) -> str:
     source, family, device = (html.escape(str(info.get(key, "?"))) for key in ("source", "family", "device"))
-    return (f'<div class="tr-badge"><span class="tr-dot"></span>{source}'
-            f'<small>{family} · {html.escape(str(info.get("native_size", "?")))}px · {device}</small></div>')
+    return (
+        f'<div class="tr-badge"><span class="tr-dot"></span>{source}'
+        f"<small>{family} · {html.escape(str(info.get('native_size', '?')))}px · {device}</small></div>"
+    )
 
 
 def model_markdown(info: dict[str, Any]) -> str:
@@ -78,13 +86,19 @@ def model_markdown(info: dict[str, Any]) -> str:
 
 def library_markdown(library_dir: str | Path, per_user: bool, outputs: Path | None) -> str:
     if per_user:
-        return ("### Subject library\nOn this Space every visitor gets a private, temporary library: export your "
-                "subjects (.safetensors) and download your images to keep them.")
-    return (f"### Subject library\n`{library_dir}`\n\nStart with `--library DIR` to use another folder."
-            f"\n\n### Images and projects\n`{outputs or 'a temporary folder'}`")
+        return (
+            "### Subject library\nOn this Space every visitor gets a private, temporary library: export your "
+            "subjects (.safetensors) and download your images to keep them."
+        )
+    return (
+        f"### Subject library\n`{library_dir}`\n\nStart with `--library DIR` to use another folder."
+        f"\n\n### Images and projects\n`{outputs or 'a temporary folder'}`"
+    )
 
 
 def vram_markdown(presets: dict[str, Any]) -> str:
-    rows = "\n".join(f"- **{p.name}** — `{p.device} · {p.dtype} · {p.quantization} · offload {p.offload}`: {p.note}"
-                     for p in presets.values())
+    rows = "\n".join(
+        f"- **{p.name}** — `{p.device} · {p.dtype} · {p.quantization} · offload {p.offload}`: {p.note}"
+        for p in presets.values()
+    )
     return f"### Machine presets\n{rows}"

@@ -1,4 +1,5 @@
 """The demo world: scenes, detector, tokenizer, and (if present) the embedded demo model. Offline, CPU, fast."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,10 +25,20 @@ MODEL = ROOT / "assets" / "demo_model"
 
 
 def test_palette_is_the_published_interface():
-    assert BACKGROUNDS == {"grass": (110, 170, 90), "sky": (150, 200, 245), "sand": (225, 205, 150),
-                           "night": (35, 35, 70)}
-    assert COLOURS == {"red": (215, 40, 40), "blue": (40, 70, 210), "yellow": (245, 200, 30),
-                       "purple": (140, 60, 180), "orange": (245, 130, 30), "cyan": (40, 200, 200)}
+    assert BACKGROUNDS == {
+        "grass": (110, 170, 90),
+        "sky": (150, 200, 245),
+        "sand": (225, 205, 150),
+        "night": (35, 35, 70),
+    }
+    assert COLOURS == {
+        "red": (215, 40, 40),
+        "blue": (40, 70, 210),
+        "yellow": (245, 200, 30),
+        "purple": (140, 60, 180),
+        "orange": (245, 130, 30),
+        "cyan": (40, 200, 200),
+    }
     assert CATEGORIES == ("ball", "box", "tent", "star", "ring")
 
 
@@ -48,7 +59,8 @@ def test_scenes_are_deterministic_and_consistent():
         total = sum(o.mask.astype(int) for o in a.objects)
         assert total.max() <= 1
     assert random_scene(1).caption != random_scene(2).caption or not np.array_equal(
-        random_scene(1).image, random_scene(2).image)
+        random_scene(1).image, random_scene(2).image
+    )
 
 
 def test_shape_fill_ratios():
@@ -119,14 +131,19 @@ def test_demo_model_loads_offline_and_generates():
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(MODEL), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        local_files_only=True)
+        str(MODEL), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
+    )
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
     size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
     assert size <= 20 * 1024 * 1024
     assert not list(MODEL.rglob("*.bin")) and not list(MODEL.rglob("*.pt"))
-    img = pipe("a red ball on grass", num_inference_steps=4, guidance_scale=5.0,
-               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    img = pipe(
+        "a red ball on grass",
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert img.shape == (64, 64, 3) and np.isfinite(img).all()
 
 
@@ -136,8 +153,8 @@ def test_demo_model_draws_what_captions_ask_patterns_included():
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(MODEL), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        local_files_only=True)
+        str(MODEL), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
+    )
     pipe.set_progress_bar_config(disable=True)
     asked = {  # caption: (colour, category, pattern, second colour)
         "a red ball on grass": ("red", "ball", "plain", None),
@@ -149,10 +166,17 @@ def test_demo_model_draws_what_captions_ask_patterns_included():
         "a blue box with yellow dots on grass": ("blue", "box", "dotted", "yellow"),
         "a red star with blue stripes at night": ("red", "star", "striped", "blue"),
     }
-    images = pipe(list(asked), num_inference_steps=20, guidance_scale=5.0,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
-    drawn = [{(d.colour, d.category, d.pattern, d.colour2) for d in detect((image * 255).round().astype(np.uint8))}
-             for image in images]
+    images = pipe(
+        list(asked),
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    drawn = [
+        {(d.colour, d.category, d.pattern, d.colour2) for d in detect((image * 255).round().astype(np.uint8))}
+        for image in images
+    ]
     kinds = [{look[:2] for look in looks} for looks in drawn]
     assert sum(want[:2] in got for want, got in zip(asked.values(), kinds)) >= 7
     patterned = [(want, got) for want, got in zip(asked.values(), drawn) if want[2] != "plain"]

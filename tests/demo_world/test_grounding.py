@@ -44,11 +44,14 @@ def test_targets_hold_each_objects_words_and_visible_mask(tokenizer):
     for n, scene in enumerate(scenes):
         ids = tokenizer(scene.caption).input_ids
         for o, obj in enumerate(scene.objects):
-            words = [tokenizer.convert_ids_to_tokens(ids[p]).removesuffix("</w>")
-                     for p in targets.positions[n, o].tolist() if p >= 0]
+            words = [
+                tokenizer.convert_ids_to_tokens(ids[p]).removesuffix("</w>")
+                for p in targets.positions[n, o].tolist()
+                if p >= 0
+            ]
             assert obj.category in words
             assert float(targets.masks[n, o].float().sum()) == pytest.approx(obj.mask.sum() / 16, abs=0.5)
-        assert (targets.positions[n, len(scene.objects):] == -1).all()
+        assert (targets.positions[n, len(scene.objects) :] == -1).all()
 
 
 def _attention_on(masks: torch.Tensor, positions: torch.Tensor, tokens: int = 10) -> torch.Tensor:
@@ -90,9 +93,17 @@ def test_recording_attention_leaves_the_unet_output_unchanged():
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8).eval()
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    ).eval()
     sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 16)
     with torch.no_grad():
         expected = unet(sample, 10, encoder_hidden_states=context).sample

@@ -44,8 +44,9 @@ def one_fit(bundle, guidance: GuidanceConfig) -> tuple[float, float, torch.Tenso
     prepared = generator.prepare_prompt(request, {}, None)
     unet, scheduler = bundle.pipe.unet, bundle.pipe.scheduler
     factor = bundle.pipe.vae_scale_factor
-    latents = torch.randn(1, unet.config.in_channels, height // factor, width // factor,
-                          generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(
+        1, unet.config.in_channels, height // factor, width // factor, generator=torch.Generator().manual_seed(0)
+    )
     conditioning = {"encoder_hidden_states": prepared.embeds["prompt_embeds"]}
     timestep = torch.tensor(801)
     with generator._layout_guidance(request, prepared.parsed, width, height) as state:
@@ -84,8 +85,9 @@ def test_fitting_runs_on_sdxl_with_every_kind_of_scheduler_and_restores_processo
     guidance = GuidanceConfig().fitted()
     request = GenerateRequest(PROMPT, layout=LAYOUT, seed=3, steps=4, scheduler=scheduler, guidance=guidance)
     fitted = np.asarray(Generator(sdxl)(request).images[0], float)
-    plain = np.asarray(Generator(sdxl)(GenerateRequest(PROMPT, layout=LAYOUT, seed=3, steps=4,
-                                                       scheduler=scheduler)).images[0], float)
+    plain = np.asarray(
+        Generator(sdxl)(GenerateRequest(PROMPT, layout=LAYOUT, seed=3, steps=4, scheduler=scheduler)).images[0], float
+    )
     assert np.isfinite(fitted).all()
     assert np.abs(fitted - plain).mean() > 0  # the latent was moved
     assert {name: type(p) for name, p in sdxl.pipe.unet.attn_processors.items()} == before
@@ -94,15 +96,25 @@ def test_fitting_runs_on_sdxl_with_every_kind_of_scheduler_and_restores_processo
 
 def test_fitting_works_without_forward_guidance(sd15):
     off = GuidanceConfig.off()
-    unguided = np.asarray(Generator(sd15)(GenerateRequest(PROMPT, layout=LAYOUT, seed=1, steps=8,
-                                                          guidance=off)).images[0], float)
+    unguided = np.asarray(
+        Generator(sd15)(GenerateRequest(PROMPT, layout=LAYOUT, seed=1, steps=8, guidance=off)).images[0], float
+    )
     fitted_only = GenerateRequest(PROMPT, layout=LAYOUT, seed=1, steps=8, guidance=off.fitted())
     fitted = np.asarray(Generator(sd15)(fitted_only).images[0], float)
     assert np.abs(fitted - unguided).mean() > 0
 
 
-@pytest.mark.parametrize("field, value", [("fit_iterations", -1), ("fit_iterations", 11), ("fit_iterations", 1.5),
-                                          ("fit_fraction", 1.5), ("fit_scale", -1.0), ("fit_scale", float("nan"))])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("fit_iterations", -1),
+        ("fit_iterations", 11),
+        ("fit_iterations", 1.5),
+        ("fit_fraction", 1.5),
+        ("fit_scale", -1.0),
+        ("fit_scale", float("nan")),
+    ],
+)
 def test_bad_fitting_settings_are_refused_with_their_name(field, value):
     with pytest.raises(InputError, match="box-fitting|fit_scale|fit_fraction"):
         GuidanceConfig(**{field: value})
@@ -122,8 +134,14 @@ def test_on_the_demo_model_fitting_draws_a_ball_at_the_size_of_a_small_box():
         errors = []
         for seed, (cx, cy) in enumerate([(0.3, 0.35), (0.7, 0.35), (0.3, 0.65), (0.7, 0.65)]):
             box = (cx - 0.125, cy - 0.125, cx + 0.125, cy + 0.125)  # 16 px
-            request = GenerateRequest("a red ball on grass", layout=Layout((Region("red ball", box),)), seed=seed,
-                                      steps=20, cfg=5.0, guidance=guidance)
+            request = GenerateRequest(
+                "a red ball on grass",
+                layout=Layout((Region("red ball", box),)),
+                seed=seed,
+                steps=20,
+                cfg=5.0,
+                guidance=guidance,
+            )
             found = [d for d in detect(generator(request).images[0]) if d.colour == "red"]
             width = max((d.box[2] - d.box[0] for d in found), default=0.0) * 64
             errors.append(abs(width - 16))

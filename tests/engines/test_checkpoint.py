@@ -81,10 +81,10 @@ def test_half_written_checkpoint_is_ignored(tmp_path, damage):
         (folder / META).write_text(old_meta)
     elif damage == "truncated tensors":
         data = (folder / TENSORS).read_bytes()
-        (folder / TENSORS).write_bytes(data[:len(data) // 2])
+        (folder / TENSORS).write_bytes(data[: len(data) // 2])
     elif damage == "truncated json":
         text = (folder / META).read_text()
-        (folder / META).write_text(text[:len(text) // 2])
+        (folder / META).write_text(text[: len(text) // 2])
     elif damage == "missing json":
         (folder / META).unlink()
     else:

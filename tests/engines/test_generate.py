@@ -18,8 +18,9 @@ PROMPT = "a photo of dog and cat on the beach"
 
 
 def diffusers_image(bundle, prompt: str, seed: int, steps: int, cfg: float = 7.5, **kwargs) -> np.ndarray:
-    image = bundle.pipe(prompt, num_inference_steps=steps, guidance_scale=cfg,
-                        generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+    image = bundle.pipe(
+        prompt, num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed), **kwargs
+    ).images[0]
     return np.asarray(image)
 
 
@@ -45,8 +46,9 @@ def test_whole_canvas_region_at_zero_strength_is_bit_identical(sd15):
 def test_guidance_changes_the_image_and_restores_processors(sd15):
     before = processors_of(sd15)
     layout = Layout((Region("dog", (0.0, 0.0, 0.5, 1.0)), Region("cat", (0.5, 0.0, 1.0, 1.0), layer=1)))
-    request = GenerateRequest(PROMPT, layout=layout, seed=5, steps=3,
-                              guidance=GuidanceConfig(bound_self_attention=True))
+    request = GenerateRequest(
+        PROMPT, layout=layout, seed=5, steps=3, guidance=GuidanceConfig(bound_self_attention=True)
+    )
     result = Generator(sd15)(request)
     assert not np.array_equal(np.asarray(result.images[0]), diffusers_image(sd15, PROMPT, 5, 3))
     assert processors_of(sd15) == before
@@ -105,8 +107,9 @@ def test_residuals_change_only_class_token_positions(sd15):
     width = sd15.text_encoders[0].config.hidden_size
     delta = torch.arange(width, dtype=torch.float32)[None] / width  # (1, D)
     plain = generator.prepare_prompt(GenerateRequest("a photo of dog on the beach"), {}, None)
-    subject = generator.prepare_prompt(GenerateRequest("a photo of <rex> on the beach"), {"rex": "dog"},
-                                       lambda name: {"text_encoder": delta})
+    subject = generator.prepare_prompt(
+        GenerateRequest("a photo of <rex> on the beach"), {"rex": "dog"}, lambda name: {"text_encoder": delta}
+    )
     difference = (subject.embeds["prompt_embeds"] - plain.embeds["prompt_embeds"])[0]  # (T, D)
     changed = difference.abs().sum(-1).nonzero().flatten().tolist()
     assert changed == [4]  # BOS, a, photo, of, dog

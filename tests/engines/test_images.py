@@ -60,8 +60,13 @@ def _bad_files(folder: Path) -> dict[str, Path]:
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     gif = folder / "anim.gif"
     Image.new("RGB", (64, 64)).save(gif)
-    return {"not an image": text, "truncated": truncated, "pixels": bomb_png(folder / "bomb.png"),
-            "too small": disk_photo(folder / "tiny.png", size=(20, 20), box=(2, 2, 18, 18)), "GIF": gif}
+    return {
+        "not an image": text,
+        "truncated": truncated,
+        "pixels": bomb_png(folder / "bomb.png"),
+        "too small": disk_photo(folder / "tiny.png", size=(20, 20), box=(2, 2, 18, 18)),
+        "GIF": gif,
+    }
 
 
 def test_refusals_are_clear(tmp_path):
@@ -74,8 +79,9 @@ def test_refusals_are_clear(tmp_path):
 def test_refused_photo_writes_nothing(tmp_path):
     """One bad file among good ones refuses the whole registration before anything touches the library."""
     pipe = tiny_sd15()
-    bundle = ModelBundle(pipe, ModelSpec("tiny"), "sd15", torch.device("cpu"), torch.float32,
-                         text_encoder_fingerprint(pipe))
+    bundle = ModelBundle(
+        pipe, ModelSpec("tiny"), "sd15", torch.device("cpu"), torch.float32, text_encoder_fingerprint(pipe)
+    )
     root = tmp_path / "library"
     good = disk_photo(tmp_path / "good.png")
     for bad in _bad_files(tmp_path).values():
@@ -118,13 +124,21 @@ def _tiny_onnx(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1),
-             helper.make_node("Sub", ["m", "half"], ["c"]), helper.make_node("Mul", ["c", "gain"], ["y"])]
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1),
+        helper.make_node("Sub", ["m", "half"], ["c"]),
+        helper.make_node("Mul", ["c", "gain"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "tiny_seg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+        nodes,
+        "tiny_seg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 32, 32])],
-        initializer=[helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
-                     helper.make_tensor("gain", TensorProto.FLOAT, [], [8.0])])
+        initializer=[
+            helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
+            helper.make_tensor("gain", TensorProto.FLOAT, [], [8.0]),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)

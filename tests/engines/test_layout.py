@@ -38,7 +38,8 @@ def test_visible_coverage_is_the_exact_area_each_region_shows_in_front():
     assert torch.allclose(alone, box_coverage([back.box], 4, 8)[0])
     # a cell half inside the box counts half: (0, 0.375) covers 1.5 of 4 cells
     assert visible_coverage(Layout((Region("dog", (0.0, 0.0, 0.375, 1.0)),)), 1, 4)[0, 0].tolist() == pytest.approx(
-        [1.0, 0.5, 0.0, 0.0])
+        [1.0, 0.5, 0.0, 0.0]
+    )
 
 
 def test_front_layer_owns_the_overlap_whatever_the_list_order():

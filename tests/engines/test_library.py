@@ -17,8 +17,15 @@ from engines.types import InputError, SubjectInfo
 
 
 def info(name="rex", family="sdxl", fingerprint="abc123", curve=(1.0, 0.5)) -> SubjectInfo:
-    return SubjectInfo(name=name, class_word="dog", family=family, fingerprint=fingerprint,
-                       created="2026-01-01T00:00:00+00:00", steps=len(curve), loss_curve=tuple(curve))
+    return SubjectInfo(
+        name=name,
+        class_word="dog",
+        family=family,
+        fingerprint=fingerprint,
+        created="2026-01-01T00:00:00+00:00",
+        steps=len(curve),
+        loss_curve=tuple(curve),
+    )
 
 
 def residuals(width1=768, width2=1280, tokens=1) -> dict[str, torch.Tensor]:
@@ -30,8 +37,10 @@ def residuals(width1=768, width2=1280, tokens=1) -> dict[str, torch.Tensor]:
 
 
 def photos(n=2, side=64):
-    return ([Image.new("RGB", (side, side), (30 * i, 100, 200)) for i in range(n)],
-            [Image.new("L", (side, side), 255) for _ in range(n)])
+    return (
+        [Image.new("RGB", (side, side), (30 * i, 100, 200)) for i in range(n)],
+        [Image.new("L", (side, side), 255) for _ in range(n)],
+    )
 
 
 @pytest.fixture
@@ -220,8 +229,9 @@ def test_push_pull_through_a_local_stand_in(library, tmp_path, monkeypatch):
     assert calls["upload"] == ("me/subjects", "rex.safetensors", "t")
     other = SubjectLibrary(tmp_path / "other")
     pulled = other.pull("me/subjects", "rex.safetensors", name="rexy")
-    assert pulled.name == "rexy" and torch.equal(other.residuals("rexy")["text_encoder"],
-                                                 library.residuals("rex")["text_encoder"])
+    assert pulled.name == "rexy" and torch.equal(
+        other.residuals("rexy")["text_encoder"], library.residuals("rex")["text_encoder"]
+    )
     with pytest.raises(InputError, match="safetensors"):
         other.pull("me/subjects", "rex.bin")
 
@@ -242,14 +252,31 @@ def test_cli_register_and_manage_subjects(tmp_path, monkeypatch, capsys):
     from studio.__main__ import main
     from tests.tiny_models import save_tiny
 
-    monkeypatch.setitem(engines.register.PRESETS, "quick", replace(engines.register.PRESETS["quick"], steps=3,
-                                                                    reg_pool=16, delta_sentences=32))
+    monkeypatch.setitem(
+        engines.register.PRESETS,
+        "quick",
+        replace(engines.register.PRESETS["quick"], steps=3, reg_pool=16, delta_sentences=32),
+    )
     model = save_tiny("sd15", tmp_path / "tiny")
     photo = tmp_path / "p.png"
     Image.new("RGB", (80, 64), (200, 30, 30)).save(photo)
     lib = str(tmp_path / "lib")
-    args = ["register", "--model", str(model), "--name", "rex", "--class", "dog", str(photo), "--preset", "quick",
-            "--library", lib, "--device", "cpu"]
+    args = [
+        "register",
+        "--model",
+        str(model),
+        "--name",
+        "rex",
+        "--class",
+        "dog",
+        str(photo),
+        "--preset",
+        "quick",
+        "--library",
+        lib,
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     out = capsys.readouterr()
     assert "registered <rex>" in out.out and "step 3/3" in out.err and "loss" in out.err
@@ -258,8 +285,9 @@ def test_cli_register_and_manage_subjects(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: subject name '../x' is not allowed")
     assert main(["subjects", "export", "rex", str(tmp_path / "out"), "--library", lib]) == 0
-    assert main(["subjects", "import", str(tmp_path / "out" / "rex.safetensors"), "--name", "rex2",
-                 "--library", lib]) == 0
+    assert (
+        main(["subjects", "import", str(tmp_path / "out" / "rex.safetensors"), "--name", "rex2", "--library", lib]) == 0
+    )
     assert main(["subjects", "delete", "rex", "--library", lib]) == 0
     assert [s.name for s in SubjectLibrary(lib).list()] == ["rex2"]
     assert main(["subjects", "delete", "nobody", "--library", lib]) == 2

@@ -38,15 +38,18 @@ def test_both_sdxl_tokenizers_agree():
     assert parsed.region_positions == ((2, 3),)
 
 
-@pytest.mark.parametrize("prompt, regions, message", [
-    ("a photo of dog", [Region("cow", (0, 0, 1, 1))], "not in the prompt"),
-    ("a dog", [Region("dog", (0, 0, 1, 1)), Region("dog", (0, 0, 1, 1))], "bind the same words"),
-    ("a red ball", [Region("red ball", (0, 0, 1, 1)), Region("ball", (0, 0, 1, 1))], "bind the same words"),
-    ("a photo of <rex>", [Region("dog", (0, 0, 1, 1))], "only as part of a subject"),
-    ("a photo of <rex>", [Region("", (0, 0, 1, 1), subject="milo")], "does not mention <milo>"),
-    ("a photo of <nobody>", [], "no subject named <nobody>"),
-    ("a " * 80 + "dog", [Region("dog", (0, 0, 1, 1))], "token window"),
-])
+@pytest.mark.parametrize(
+    "prompt, regions, message",
+    [
+        ("a photo of dog", [Region("cow", (0, 0, 1, 1))], "not in the prompt"),
+        ("a dog", [Region("dog", (0, 0, 1, 1)), Region("dog", (0, 0, 1, 1))], "bind the same words"),
+        ("a red ball", [Region("red ball", (0, 0, 1, 1)), Region("ball", (0, 0, 1, 1))], "bind the same words"),
+        ("a photo of <rex>", [Region("dog", (0, 0, 1, 1))], "only as part of a subject"),
+        ("a photo of <rex>", [Region("", (0, 0, 1, 1), subject="milo")], "does not mention <milo>"),
+        ("a photo of <nobody>", [], "no subject named <nobody>"),
+        ("a " * 80 + "dog", [Region("dog", (0, 0, 1, 1))], "token window"),
+    ],
+)
 def test_bad_layouts_name_the_problem(prompt, regions, message):
     with pytest.raises(InputError, match=message):
         spans(prompt, regions, {"rex": "dog", "milo": "cat"})

@@ -32,15 +32,17 @@ from tests.tiny_models import tiny_sd15, tiny_sdxl
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
 # Short runs on the tiny models: a high lr because the random tiny weights are small (init std 0.02)
-FAST = dict(steps=40, lr=2e-4, reg_weight=10.0, batch=2, reg_batch=4, reg_pool=64, delta_sentences=200,
-            checkpoint_every=0)
+FAST = dict(
+    steps=40, lr=2e-4, reg_weight=10.0, batch=2, reg_batch=4, reg_pool=64, delta_sentences=200, checkpoint_every=0
+)
 PRESERVATION_TOLERANCE = 0.08  # relative ‖E^custom − E‖ / ‖E‖ at non-class tokens of held-out sentences
 
 
 def bundle(kind="sd15") -> ModelBundle:
     pipe = tiny_sd15() if kind == "sd15" else tiny_sdxl()
-    return ModelBundle(pipe, ModelSpec("tiny"), kind, torch.device("cpu"), torch.float32,
-                       text_encoder_fingerprint(pipe))
+    return ModelBundle(
+        pipe, ModelSpec("tiny"), kind, torch.device("cpu"), torch.float32, text_encoder_fingerprint(pipe)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,11 @@ def snapshot(root: Path) -> dict[str, str]:
     """Every file of the library but the resumable work area, by content."""
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and ".work" not in p.relative_to(root).parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".work" not in p.relative_to(root).parts
+    }
 
 
 def seeded_library(tmp_path: Path, sd15, photo_paths) -> SubjectLibrary:
@@ -93,8 +98,11 @@ def test_sentence_templates_are_validated(tmp_path):
     import json
 
     data = load_sentence_templates()
-    for broken, message in [({**data, "colour": ["x"]}, "unknown"), ({**data, "frames": ["no class here"]}, "{cls}"),
-                            ({**data, "frames": ["{a} {cls} {weather}"]}, "unknown slots")]:
+    for broken, message in [
+        ({**data, "colour": ["x"]}, "unknown"),
+        ({**data, "frames": ["no class here"]}, "{cls}"),
+        ({**data, "frames": ["{a} {cls} {weather}"]}, "unknown slots"),
+    ]:
         path = tmp_path / "t.json"
         path.write_text(json.dumps(broken))
         with pytest.raises(InputError, match=message):
@@ -120,8 +128,10 @@ def test_encoder_output_is_exactly_what_the_pipeline_feeds_the_unet(kind):
 
     tiny = bundle(kind)
     prompt = "a photo of dog on the beach"
-    ids = [t(prompt, padding="max_length", max_length=t.model_max_length, truncation=True,
-             return_tensors="pt").input_ids for t in tiny.tokenizers]
+    ids = [
+        t(prompt, padding="max_length", max_length=t.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for t in tiny.tokenizers
+    ]
     with torch.no_grad():
         ours = unet_condition(tiny.text_encoders, ids, tiny.is_xl)  # (1, 77, ΣD)
         if tiny.is_xl:
@@ -137,8 +147,13 @@ def test_register_sd15_loss_falls_preserves_other_tokens(tmp_path, sd15, photo_p
     progress = []
     before = [p.detach().clone() for p in sd15.pipe.text_encoder.parameters()]
     unet_flags = [p.requires_grad for p in sd15.pipe.unet.parameters()]
-    info = register_subject(sd15, RegisterRequest("rex", "dog", photo_paths, preset="quick"), library,
-                            on_progress=progress.append, overrides=FAST)
+    info = register_subject(
+        sd15,
+        RegisterRequest("rex", "dog", photo_paths, preset="quick"),
+        library,
+        on_progress=progress.append,
+        overrides=FAST,
+    )
     stats = library.meta("rex")["stats"]
     # L_sub on a fixed set of (latent, t, ε) falls (Eq. 2)
     assert stats["l_sub_eval_after"] < stats["l_sub_eval_before"]
@@ -154,8 +169,12 @@ def test_register_sd15_loss_falls_preserves_other_tokens(tmp_path, sd15, photo_p
     assert [p.requires_grad for p in sd15.pipe.unet.parameters()] == unet_flags  # UNet restored as it was
     assert not (library.root / ".work" / "rex").exists()
     # without L_reg the same run drifts much further on held-out sentences
-    register_subject(sd15, RegisterRequest("rex0", "dog", photo_paths, preset="quick"), library,
-                     overrides={**FAST, "reg_weight": 0.0})
+    register_subject(
+        sd15,
+        RegisterRequest("rex0", "dog", photo_paths, preset="quick"),
+        library,
+        overrides={**FAST, "reg_weight": 0.0},
+    )
     drift = library.meta("rex0")["stats"]["heldout_preservation_error"]
     assert drift > 3 * stats["heldout_preservation_error"]
 
@@ -163,23 +182,34 @@ def test_register_sd15_loss_falls_preserves_other_tokens(tmp_path, sd15, photo_p
 def test_register_sdxl_has_a_residual_per_encoder(tmp_path, photo_paths):
     xl = bundle("sdxl")
     library = SubjectLibrary(tmp_path / "lib")
-    register_subject(xl, RegisterRequest("rex", "dog", photo_paths[:2], preset="quick"), library,
-                     overrides={**FAST, "steps": 6, "gradient_checkpointing": True})
+    register_subject(
+        xl,
+        RegisterRequest("rex", "dog", photo_paths[:2], preset="quick"),
+        library,
+        overrides={**FAST, "steps": 6, "gradient_checkpointing": True},
+    )
     assert library.meta("rex")["stats"]["gradient_checkpointing"] and not xl.pipe.unet.is_gradient_checkpointing
     residuals = library.residuals("rex")
     widths = [e.config.hidden_size for e in xl.text_encoders]
-    assert {k: tuple(v.shape) for k, v in residuals.items()} == {"text_encoder": (1, widths[0]),
-                                                                "text_encoder_2": (1, widths[1])}
+    assert {k: tuple(v.shape) for k, v in residuals.items()} == {
+        "text_encoder": (1, widths[0]),
+        "text_encoder_2": (1, widths[1]),
+    }
     assert library.get("rex").family == "sdxl"
 
 
 def test_multi_token_class_word_and_v_prediction(tmp_path, photo_paths):
     tiny = bundle("sd15")
-    tiny.pipe.scheduler = type(tiny.pipe.scheduler).from_config(tiny.pipe.scheduler.config,
-                                                                prediction_type="v_prediction")
+    tiny.pipe.scheduler = type(tiny.pipe.scheduler).from_config(
+        tiny.pipe.scheduler.config, prediction_type="v_prediction"
+    )
     library = SubjectLibrary(tmp_path / "lib")
-    register_subject(tiny, RegisterRequest("teddy", "teddy bear", photo_paths[:1], preset="quick", use_masks=False),
-                     library, overrides={**FAST, "steps": 3})
+    register_subject(
+        tiny,
+        RegisterRequest("teddy", "teddy bear", photo_paths[:1], preset="quick", use_masks=False),
+        library,
+        overrides={**FAST, "steps": 3},
+    )
     n = len(class_token_ids(tiny.tokenizers[0], "teddy bear"))
     assert n > 1 and library.residuals("teddy")["text_encoder"].shape == (n, 32)
     assert library.meta("teddy")["stats"]["prediction_type"] == "v_prediction"
@@ -188,8 +218,12 @@ def test_multi_token_class_word_and_v_prediction(tmp_path, photo_paths):
 def test_existing_name_is_refused_before_training(tmp_path, sd15, photo_paths):
     library = seeded_library(tmp_path, sd15, photo_paths)
     with pytest.raises(InputError, match="already exists"):
-        register_subject(sd15, RegisterRequest("ada", "cat", photo_paths, preset="quick"), library,
-                         on_progress=lambda p: pytest.fail("trained anyway"))
+        register_subject(
+            sd15,
+            RegisterRequest("ada", "cat", photo_paths, preset="quick"),
+            library,
+            on_progress=lambda p: pytest.fail("trained anyway"),
+        )
 
 
 # ------------------------------------------------------------------------------------------ cancel / resume / kill
@@ -215,15 +249,27 @@ def test_cancel_leaves_library_untouched_and_resume_matches(tmp_path, sd15, phot
     # the same run without interruption gives the same Δ (weights, optimizer and RNG all restored)
     other = SubjectLibrary(tmp_path / "other")
     register_subject(sd15, request, other, overrides=settings)
-    torch.testing.assert_close(library.residuals("rex")["text_encoder"], other.residuals("rex")["text_encoder"],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        library.residuals("rex")["text_encoder"], other.residuals("rex")["text_encoder"], rtol=1e-5, atol=1e-6
+    )
     # a changed request does not resume someone else's checkpoint
     with pytest.raises(Cancelled):
-        register_subject(sd15, RegisterRequest("bo", "dog", photo_paths, preset="quick", seed=3), library,
-                         on_progress=stop_after_three, cancel=(cancel := threading.Event()), overrides=settings)
+        register_subject(
+            sd15,
+            RegisterRequest("bo", "dog", photo_paths, preset="quick", seed=3),
+            library,
+            on_progress=stop_after_three,
+            cancel=(cancel := threading.Event()),
+            overrides=settings,
+        )
     steps.clear()
-    register_subject(sd15, RegisterRequest("bo", "dog", photo_paths, preset="quick", seed=4), library,
-                     on_progress=lambda p: steps.append(p.step), overrides=settings)
+    register_subject(
+        sd15,
+        RegisterRequest("bo", "dog", photo_paths, preset="quick", seed=4),
+        library,
+        on_progress=lambda p: steps.append(p.step),
+        overrides=settings,
+    )
     assert steps[0] == 1
 
 
@@ -249,10 +295,17 @@ KILL_OVERRIDES = dict(steps=100000, lr=2e-4, reg_pool=32, delta_sentences=32, ch
 def test_sigkill_mid_training_leaves_library_byte_identical(tmp_path, sd15, photo_paths):
     library = seeded_library(tmp_path, sd15, photo_paths)
     before = snapshot(library.root)
-    script = KILL_SCRIPT.format(root=str(ROOT), photos=photo_paths, root_lib=str(library.root),
-                                overrides=KILL_OVERRIDES)
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    script = KILL_SCRIPT.format(
+        root=str(ROOT), photos=photo_paths, root_lib=str(library.root), overrides=KILL_OVERRIDES
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 120
         for line in process.stdout:
@@ -273,9 +326,14 @@ def test_sigkill_mid_training_leaves_library_byte_identical(tmp_path, sd15, phot
     # and the same request picks up from it
     cancel, first = threading.Event(), []
     with pytest.raises(Cancelled):
-        register_subject(sd15, RegisterRequest("rex", "dog", photo_paths, preset="quick"), library,
-                         on_progress=lambda p: (first.append(p.step), cancel.set()), cancel=cancel,
-                         overrides=KILL_OVERRIDES)
+        register_subject(
+            sd15,
+            RegisterRequest("rex", "dog", photo_paths, preset="quick"),
+            library,
+            on_progress=lambda p: (first.append(p.step), cancel.set()),
+            cancel=cancel,
+            overrides=KILL_OVERRIDES,
+        )
     assert first[0] >= 5 and first[0] % 2 == 1  # resumed after an even checkpoint, at least the fourth step
 
 
@@ -291,11 +349,18 @@ def test_register_on_cuda_half_precision_cancel_and_resume(tmp_path, photo_paths
     request = RegisterRequest("rex", "dog", photo_paths, preset="quick")
     cancel = threading.Event()
     with pytest.raises(Cancelled):
-        register_subject(tiny, request, library, cancel=cancel, overrides={**FAST, "steps": 12},
-                         on_progress=lambda p: p.step == 5 and cancel.set())
+        register_subject(
+            tiny,
+            request,
+            library,
+            cancel=cancel,
+            overrides={**FAST, "steps": 12},
+            on_progress=lambda p: p.step == 5 and cancel.set(),
+        )
     steps = []
-    register_subject(tiny, request, library, on_progress=lambda p: steps.append(p.step),
-                     overrides={**FAST, "steps": 12})
+    register_subject(
+        tiny, request, library, on_progress=lambda p: steps.append(p.step), overrides={**FAST, "steps": 12}
+    )
     assert steps[0] == 6
     stats = library.meta("rex")["stats"]
     assert stats["heldout_preservation_error"] < 0.2

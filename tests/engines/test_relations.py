@@ -14,10 +14,31 @@ from engines.types import InputError, SubjectInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 RELATION_BENCH = (
-    "playing guitar", "playing piano", "eating dinner", "dancing", "lifting weights", "reading a book", "skiing",
-    "sleeping in a hammock", "cooking", "singing", "riding a bike", "riding a horse", "riding a motorbike",
-    "playing soccer", "playing chess with", "partner dancing with", "carrying", "fencing with", "shaking hands with",
-    "kissing", "playing basketball with", "wrestling with", "hugging", "fighting with", "sitting back to back with",
+    "playing guitar",
+    "playing piano",
+    "eating dinner",
+    "dancing",
+    "lifting weights",
+    "reading a book",
+    "skiing",
+    "sleeping in a hammock",
+    "cooking",
+    "singing",
+    "riding a bike",
+    "riding a horse",
+    "riding a motorbike",
+    "playing soccer",
+    "playing chess with",
+    "partner dancing with",
+    "carrying",
+    "fencing with",
+    "shaking hands with",
+    "kissing",
+    "playing basketball with",
+    "wrestling with",
+    "hugging",
+    "fighting with",
+    "sitting back to back with",
 )
 SPATIAL = ("on top of", "next to", "in front of", "inside", "behind")
 
@@ -27,8 +48,14 @@ def _subject(name: str, class_word: str) -> SubjectInfo:
 
 
 def _one(**overrides) -> dict:
-    entry = {"name": "hugging", "kind": "interaction", "arity": 2, "template": "{a} hugging {b}",
-             "boxes": [[0, 0, 0.5, 1], [0.5, 0, 1, 1]], "layers": [1, 0]}
+    entry = {
+        "name": "hugging",
+        "kind": "interaction",
+        "arity": 2,
+        "template": "{a} hugging {b}",
+        "boxes": [[0, 0, 0.5, 1], [0.5, 0, 1, 1]],
+        "layers": [1, 0],
+    }
     entry.update(overrides)
     return {"version": 1, "relations": [entry]}
 
@@ -65,32 +92,38 @@ def test_apply_relation_single_slot_and_scene_punctuation():
     assert len(layout.regions) == 1
 
 
-@pytest.mark.parametrize("participants, message", [
-    (["rex"], "relates 2"),
-    (["<ghost>", "cat"], "no subject named <ghost>"),
-    (["", "cat"], "needs a subject or a phrase"),
-    (["a {b}", "cat"], "may not contain"),
-])
+@pytest.mark.parametrize(
+    "participants, message",
+    [
+        (["rex"], "relates 2"),
+        (["<ghost>", "cat"], "no subject named <ghost>"),
+        (["", "cat"], "needs a subject or a phrase"),
+        (["a {b}", "cat"], "may not contain"),
+    ],
+)
 def test_apply_relation_bad_participants(participants, message):
     with pytest.raises(InputError, match=message):
         apply_relation("hugging", participants, class_words={"rex": "dog"})
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"relations": []}, "non-empty list"),
-    ({"version": 1, "relations": [], "extra": 1}, "unknown keys extra"),
-    (_one(colour="red"), "unknown keys colour"),
-    (_one(arity=3), "arity must be 1 or 2"),
-    (_one(template="{a} hugs"), "exactly once"),
-    (_one(template="{a} hugs {b} and {c}"), "exactly once"),
-    (_one(boxes=[[0, 0, 0.5, 1]]), "exactly 2 box"),
-    (_one(boxes=[[0, 0, 0, 1], [0.5, 0, 1, 1]]), "zero area"),
-    (_one(boxes=[[0, 0, 1.5, 1], [0.5, 0, 1, 1]]), "inside the canvas"),
-    (_one(layers=[1, -1]), "layer of slot b"),
-    (_one(kind="mood"), "kind must be"),
-    (_one(lora="../../etc/passwd.safetensors"), "must stay inside"),
-    (_one(lora="x.bin"), "safetensors"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"relations": []}, "non-empty list"),
+        ({"version": 1, "relations": [], "extra": 1}, "unknown keys extra"),
+        (_one(colour="red"), "unknown keys colour"),
+        (_one(arity=3), "arity must be 1 or 2"),
+        (_one(template="{a} hugs"), "exactly once"),
+        (_one(template="{a} hugs {b} and {c}"), "exactly once"),
+        (_one(boxes=[[0, 0, 0.5, 1]]), "exactly 2 box"),
+        (_one(boxes=[[0, 0, 0, 1], [0.5, 0, 1, 1]]), "zero area"),
+        (_one(boxes=[[0, 0, 1.5, 1], [0.5, 0, 1, 1]]), "inside the canvas"),
+        (_one(layers=[1, -1]), "layer of slot b"),
+        (_one(kind="mood"), "kind must be"),
+        (_one(lora="../../etc/passwd.safetensors"), "must stay inside"),
+        (_one(lora="x.bin"), "safetensors"),
+    ],
+)
 def test_bad_relation_files_fail_clearly(data, message):
     with pytest.raises(InputError, match=message):
         parse_relations(data)

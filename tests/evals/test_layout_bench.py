@@ -46,10 +46,15 @@ def test_any_number_of_layouts_can_come_from_any_seed():
     assert wide["modes"]["ground truth"]["all"]["layouts"] == 100
 
 
-@pytest.mark.parametrize("options, message", [({"modes": ("none", "fitted")}, "unknown bench mode fitted"),
-                                              ({"layouts": 0}, "at least 1 layout"),
-                                              ({"first_seed": -1}, "first seed"),
-                                              ({"held_out": True, "first_seed": 7_000_000}, "choose one")])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"modes": ("none", "fitted")}, "unknown bench mode fitted"),
+        ({"layouts": 0}, "at least 1 layout"),
+        ({"first_seed": -1}, "first seed"),
+        ({"held_out": True, "first_seed": 7_000_000}, "choose one"),
+    ],
+)
 def test_bad_bench_choices_are_refused_with_their_name(options, message):
     with pytest.raises(InputError, match=message):
         run_bench(EXACT_RENDERS, BenchOptions(subjects=False, **options))
@@ -76,8 +81,12 @@ def test_layer_order_sees_which_colour_wins_the_overlap():
     image = random_scene(case.seed).image
     assert all(layer_order(image, case))
     flipped = case.layout.regions[::-1]
-    swapped = replace(case, layout=type(case.layout)(tuple(
-        type(r)(r.phrase, r.box, layer=len(flipped) - 1 - r.layer) for r in case.layout.regions)))
+    swapped = replace(
+        case,
+        layout=type(case.layout)(
+            tuple(type(r)(r.phrase, r.box, layer=len(flipped) - 1 - r.layer) for r in case.layout.regions)
+        ),
+    )
     assert not any(layer_order(image, swapped))
 
 
@@ -103,8 +112,9 @@ def test_quick_bench_on_the_demo_model_guidance_beats_none_and_fitting_beats_gui
     from engines.service import Studio
     from engines.types import ModelSpec
 
-    report = run_bench(Studio(ModelSpec("demo")), BenchOptions(quick=True, modes=("none", "troupe", "troupe-fitted"),
-                                                               subjects=False))
+    report = run_bench(
+        Studio(ModelSpec("demo")), BenchOptions(quick=True, modes=("none", "troupe", "troupe-fitted"), subjects=False)
+    )
     none, troupe = report["modes"]["none"]["all"], report["modes"]["troupe"]["all"]
     fitted = report["modes"]["troupe-fitted"]["all"]
     assert troupe["layout_iou"] > none["layout_iou"] + 0.1

@@ -24,9 +24,14 @@ def _refuse(*args, **kwargs):
 def zero_bias_state() -> GuidanceState:
     """Guidance on (η > 0) over a layout whose weights are all zero: the bias exists but adds nothing."""
     cells = SIDE * SIDE
-    maps = ResolutionMaps(SIDE, SIDE, owner=torch.zeros(cells, dtype=torch.long), fit_weights=torch.ones(1, cells),
-                          token_weights=torch.zeros(cells, TOKENS),
-                          self_blocked=torch.zeros(cells, cells, dtype=torch.bool))
+    maps = ResolutionMaps(
+        SIDE,
+        SIDE,
+        owner=torch.zeros(cells, dtype=torch.long),
+        fit_weights=torch.ones(1, cells),
+        token_weights=torch.zeros(cells, TOKENS),
+        self_blocked=torch.zeros(cells, cells, dtype=torch.bool),
+    )
     return GuidanceState({cells: maps}, images=1, time_scale=0.5)
 
 
@@ -35,8 +40,13 @@ def zero_bias_state() -> GuidanceState:
 def test_zero_bias_matches_attn_processor_2_0(family, cross):
     width, heads, head_width, text_width = SHAPES[family]
     torch.manual_seed(0)
-    attn = Attention(width, cross_attention_dim=text_width if cross else None, heads=heads, dim_head=head_width,
-                     processor=AttnProcessor2_0()).eval()
+    attn = Attention(
+        width,
+        cross_attention_dim=text_width if cross else None,
+        heads=heads,
+        dim_head=head_width,
+        processor=AttnProcessor2_0(),
+    ).eval()
     hidden = torch.randn(2, SIDE * SIDE, width)  # (B, N, C): CFG-batched, the second row conditional
     context = torch.randn(2, TOKENS, text_width) if cross else None
     with torch.no_grad():
@@ -49,8 +59,9 @@ def test_zero_bias_matches_attn_processor_2_0(family, cross):
 def test_a_nonzero_bias_changes_only_the_conditional_rows():
     width, heads, head_width, text_width = SHAPES["sd15"]
     torch.manual_seed(0)
-    attn = Attention(width, cross_attention_dim=text_width, heads=heads, dim_head=head_width,
-                     processor=AttnProcessor2_0()).eval()
+    attn = Attention(
+        width, cross_attention_dim=text_width, heads=heads, dim_head=head_width, processor=AttnProcessor2_0()
+    ).eval()
     hidden, context = torch.randn(2, SIDE * SIDE, width), torch.randn(2, TOKENS, text_width)
     state = zero_bias_state()
     state.maps[SIDE * SIDE].token_weights[:, 3] = 2.5  # every cell favours token 3

@@ -34,8 +34,10 @@ def app_url(served_studio):
 @pytest.fixture(scope="module")
 def page(app_url):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"])
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"],
+        )
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.set_default_timeout(30_000)
         page.goto(app_url)
@@ -130,8 +132,12 @@ def test_walk_through_the_studio(page, tmp_path):
     rex_box = page.locator("#canvas .tc-box", has_text="<rex>")
     before = rex_box.bounding_box()
     bb = stage.bounding_box()
-    _drag(page, stage, ((before["x"] + before["width"] / 2 - bb["x"]) / bb["width"], 0.55),
-          ((before["x"] + before["width"] / 2 - bb["x"]) / bb["width"], 0.45))
+    _drag(
+        page,
+        stage,
+        ((before["x"] + before["width"] / 2 - bb["x"]) / bb["width"], 0.55),
+        ((before["x"] + before["width"] / 2 - bb["x"]) / bb["width"], 0.45),
+    )
     after = rex_box.bounding_box()
     assert after["y"] < before["y"] - 0.05 * bb["height"]
 
@@ -185,7 +191,8 @@ def test_subjects_tab_screenshot(page):
 def test_a_non_image_upload_is_a_readable_message(page, tmp_path):
     page.get_by_role("tab", name="Subjects").click()
     page.locator("#subject-photos button[aria-label='Clear']").first.click() if page.locator(
-        "#subject-photos button[aria-label='Clear']").count() else None
+        "#subject-photos button[aria-label='Clear']"
+    ).count() else None
     note = tmp_path / "notes.txt"
     note.write_text("not a photo")
     page.locator("#subject-photos input[type=file]").set_input_files(str(note))

@@ -24,13 +24,28 @@ def free_port() -> int:
 
 
 def two_regions(width: int = 64, height: int = 64, first: str = "red ball", second: str = "blue box") -> str:
-    return json.dumps({"width": width, "height": height, "regions": [
-        {"id": "r1", "label": first, "box": [0.05, 0.3, 0.45, 0.75]},
-        {"id": "r2", "label": second, "box": [0.55, 0.3, 0.95, 0.75]}]})
+    return json.dumps(
+        {
+            "width": width,
+            "height": height,
+            "regions": [
+                {"id": "r1", "label": first, "box": [0.05, 0.3, 0.45, 0.75]},
+                {"id": "r2", "label": second, "box": [0.55, 0.3, 0.95, 0.75]},
+            ],
+        }
+    )
 
 
-def gen_args(prompt: str, canvas: str, seed: int = 7, random_seed: bool = False, steps: int = 3, images: int = 1,
-             relation: str = "", fit_boxes: bool = False) -> list:
+def gen_args(
+    prompt: str,
+    canvas: str,
+    seed: int = 7,
+    random_seed: bool = False,
+    steps: int = 3,
+    images: int = 1,
+    relation: str = "",
+    fit_boxes: bool = False,
+) -> list:
     # the order of the /generate endpoint: prompt, negative, canvas, relation, seed, random seed, size, steps, cfg,
     # sampler, number of images, layout strength, fit objects to their boxes
     return [prompt, "", canvas, relation, seed, random_seed, "native", steps, 7.5, "default", images, 0.08, fit_boxes]
@@ -59,8 +74,9 @@ def _troupe_request(path: str) -> dict:
 
 
 def test_generate_with_two_regions_returns_pngs_with_metadata(client):
-    status, gallery = client.predict(*gen_args("a red ball next to a blue box", two_regions(), images=2),
-                                     api_name="/generate")
+    status, gallery = client.predict(
+        *gen_args("a red ball next to a blue box", two_regions(), images=2), api_name="/generate"
+    )
     assert "Done" in status
     assert len(gallery) == 2
     request = _troupe_request(gallery[0]["image"])
@@ -73,8 +89,9 @@ def test_generate_with_two_regions_returns_pngs_with_metadata(client):
 
 
 def test_fitting_objects_to_their_boxes_is_recorded_and_reused(client):
-    status, gallery = client.predict(*gen_args("a red ball next to a blue box", two_regions(), fit_boxes=True),
-                                     api_name="/generate")
+    status, gallery = client.predict(
+        *gen_args("a red ball next to a blue box", two_regions(), fit_boxes=True), api_name="/generate"
+    )
     assert "Done" in status
     request = _troupe_request(gallery[0]["image"])
     assert request["guidance"]["fit_iterations"] > 0
@@ -90,8 +107,9 @@ def test_register_a_subject_then_generate_with_it(client, photos, studio_app):
     assert any("<rex>" in (card.get("caption") or "") for card in cards)
     assert [s.name for s in studio_app[0].subjects()] == ["rex"]
     # the relation picker fills the prompt and proposes two boxes, the subject bound by name
-    _, prompt, canvas = client.predict("next to", "<rex>", "blue box", "on grass", two_regions(),
-                                       api_name="/apply_relation")
+    _, prompt, canvas = client.predict(
+        "next to", "<rex>", "blue box", "on grass", two_regions(), api_name="/apply_relation"
+    )
     assert prompt == "<rex> next to blue box on grass"
     labels = [r["label"] for r in json.loads(canvas)["regions"]]
     assert labels == ["<rex>", "blue box"]
@@ -103,13 +121,16 @@ def test_register_a_subject_then_generate_with_it(client, photos, studio_app):
 
 
 def test_reuse_settings_from_a_png_and_project_round_trip(client, tmp_path):
-    _, gallery = client.predict(*gen_args("a red ball next to a blue box", two_regions(), seed=11),
-                                api_name="/generate")
+    _, gallery = client.predict(
+        *gen_args("a red ball next to a blue box", two_regions(), seed=11), api_name="/generate"
+    )
     values = client.predict(handle_file(gallery[0]["image"]), api_name="/open_png")
     prompt, _, canvas, _, seed, random_seed = values[:6]
     assert prompt == "a red ball next to a blue box" and seed == 11 and random_seed is False
     assert [r["label"] for r in json.loads(canvas)["regions"]] == ["red ball", "blue box"]
-    project = client.predict(*gen_args("a red ball next to a blue box", two_regions(), seed=5), api_name="/save_project")
+    project = client.predict(
+        *gen_args("a red ball next to a blue box", two_regions(), seed=5), api_name="/save_project"
+    )
     path = project["value"] if isinstance(project, dict) and "value" in project else project
     data = json.loads(Path(path).read_text())
     assert data["format"] == "troupe-project" and data["request"]["seed"] == 5
@@ -123,30 +144,64 @@ def test_reuse_settings_from_a_png_and_project_round_trip(client, tmp_path):
 
 def test_generate_by_keyword_with_named_parameters(client):
     """The API names /generate's parameters after the form's fields; left-out ones take the widgets' values."""
-    names = [p["parameter_name"] for p in client.view_api(return_format="dict", print_info=False)[
-        "named_endpoints"]["/generate"]["parameters"]]
-    assert names == ["prompt", "negative_prompt", "canvas", "relation", "seed", "random_seed", "size", "steps", "cfg",
-                     "sampler", "images", "layout_strength", "fit_boxes"]
+    names = [
+        p["parameter_name"]
+        for p in client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
+    ]
+    assert names == [
+        "prompt",
+        "negative_prompt",
+        "canvas",
+        "relation",
+        "seed",
+        "random_seed",
+        "size",
+        "steps",
+        "cfg",
+        "sampler",
+        "images",
+        "layout_strength",
+        "fit_boxes",
+    ]
     canvas = json.loads(two_regions())
     canvas["regions"][0]["layer"], canvas["regions"][1]["layer"] = 1, 0  # the red ball in front
-    status, gallery = client.predict(prompt="a red ball next to a blue box", canvas=json.dumps(canvas), seed=3,
-                                     random_seed=False, steps=2, api_name="/generate")
+    status, gallery = client.predict(
+        prompt="a red ball next to a blue box",
+        canvas=json.dumps(canvas),
+        seed=3,
+        random_seed=False,
+        steps=2,
+        api_name="/generate",
+    )
     assert "Done" in status and len(gallery) == 1
     request = _troupe_request(gallery[0]["image"])
     assert (request["seed"], request["steps"], request["negative_prompt"]) == (3, 2, "")
     assert [(r["phrase"], r["layer"]) for r in request["layout"]["regions"]] == [("red ball", 1), ("blue box", 0)]
 
 
-@pytest.mark.parametrize("prompt, canvas, message", [
-    ("", two_regions(), "prompt is empty"),
-    ("a red ball", json.dumps({"width": 64, "height": 64, "regions": [
-        {"id": "r1", "label": "red ball", "box": [0.3, 0.3, 0.3, 0.6]}]}), "zero size"),
-    ("a red ball", json.dumps({"width": 64, "height": 64, "regions": [
-        {"id": "r1", "label": "", "box": [0.1, 0.1, 0.6, 0.6]}]}), "has no name"),
-    ("<ghost> on grass", two_regions(first="<ghost>"), "no subject named <ghost>"),
-    ("a red ball", "{not json", "not valid JSON"),
-    ("a red ball on grass", two_regions(), "'blue box' is not in the prompt"),
-])
+@pytest.mark.parametrize(
+    "prompt, canvas, message",
+    [
+        ("", two_regions(), "prompt is empty"),
+        (
+            "a red ball",
+            json.dumps(
+                {"width": 64, "height": 64, "regions": [{"id": "r1", "label": "red ball", "box": [0.3, 0.3, 0.3, 0.6]}]}
+            ),
+            "zero size",
+        ),
+        (
+            "a red ball",
+            json.dumps(
+                {"width": 64, "height": 64, "regions": [{"id": "r1", "label": "", "box": [0.1, 0.1, 0.6, 0.6]}]}
+            ),
+            "has no name",
+        ),
+        ("<ghost> on grass", two_regions(first="<ghost>"), "no subject named <ghost>"),
+        ("a red ball", "{not json", "not valid JSON"),
+        ("a red ball on grass", two_regions(), "'blue box' is not in the prompt"),
+    ],
+)
 def test_bad_generation_input_is_one_readable_message(client, prompt, canvas, message):
     with pytest.raises(AppError, match=message):
         client.predict(*gen_args(prompt, canvas), api_name="/generate")
@@ -170,8 +225,7 @@ def test_bad_registration_input_is_refused(client, photos, tmp_path, studio_app)
 
 
 def test_add_region_and_relation_arity(client):
-    canvas = client.predict(json.dumps({"width": 64, "height": 64, "regions": []}), "a tent",
-                            api_name="/add_region")[0]
+    canvas = client.predict(json.dumps({"width": 64, "height": 64, "regions": []}), "a tent", api_name="/add_region")[0]
     regions = json.loads(canvas)["regions"]
     assert [r["label"] for r in regions] == ["a tent"]
     with pytest.raises(AppError, match="pick a subject or type a phrase"):
@@ -189,8 +243,11 @@ def test_per_user_libraries_are_private(tiny_sd15_dir, tmp_path, photos):
     from studio.ui import build_ui, serve
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(register.PRESETS, "quick", replace(register.PRESETS["quick"], steps=4, reg_pool=16,
-                                                       delta_sentences=16, reg_batch=2))
+        mp.setitem(
+            register.PRESETS,
+            "quick",
+            replace(register.PRESETS["quick"], steps=4, reg_pool=16, delta_sentences=16, reg_batch=2),
+        )
         studio = Studio(ModelSpec(source=str(tiny_sd15_dir)), tmp_path / "shared")
         demo = build_ui(studio, per_user_library=tmp_path / "visitors", allow_model_switch=False)
         _, url, _ = serve(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -237,6 +294,7 @@ def test_canvas_json_to_layout_is_back_to_front_and_binds_subjects():
     grown = json.loads(add_region(two_regions(), "a tent"))
     assert [r["id"] for r in grown["regions"]] == ["r1", "r2", "r3"]
     from engines.types import InputError
+
     with pytest.raises(InputError, match="canvas: unknown keys zoom"):
         canvas_to_layout(json.dumps({"regions": [], "zoom": 2}), {})
 
@@ -271,8 +329,14 @@ def test_vram_presets_are_validated(tmp_path):
     assert {"CPU", "8 GB", "24 GB", "A100"} <= set(presets)
     assert presets["8 GB"].spec("demo").quantization == "nf4"
     bad = tmp_path / "vram.json"
-    bad.write_text(json.dumps({"version": 1, "presets": [{"name": "x", "device": "cuda", "dtype": "fp8",
-                                                          "quantization": "none", "offload": "none"}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "presets": [{"name": "x", "device": "cuda", "dtype": "fp8", "quantization": "none", "offload": "none"}],
+            }
+        )
+    )
     with pytest.raises(InputError, match="dtype must be one of"):
         load_vram_presets(bad)
 
@@ -335,6 +399,7 @@ def test_app_on_a_space_wraps_gpu_work_and_isolates_visitors(tiny_sd15_dir, tmp_
         def decorate(fn):
             wrapped[fn.__name__] = duration
             return fn
+
         return decorate
 
     monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
@@ -356,7 +421,9 @@ def test_app_on_a_space_wraps_gpu_work_and_isolates_visitors(tiny_sd15_dir, tmp_
     assert 10 < wrapped["generate"](None, *values) <= 120
     values[steps_at], values[12] = 10, True  # box fitting asks for more time
     assert wrapped["generate"](None, *values) > wrapped["generate"](None, *values[:12], False)
-    assert wrapped["register"](None, [], "rex", "dog", "quick") < wrapped["register"](None, [], "rex", "dog", "thorough")
+    assert wrapped["register"](None, [], "rex", "dog", "quick") < wrapped["register"](
+        None, [], "rex", "dog", "thorough"
+    )
     assert served["args"][0] is None  # host from $GRADIO_SERVER_NAME on a Space
     monkeypatch.delitem(sys.modules, "spaces")
     importlib.reload(app)
@@ -368,6 +435,7 @@ def test_switching_models_keeps_the_old_one_on_failure(client, studio_app, tiny_
     with pytest.raises(AppError, match="does not exist"):
         client.predict(str(tmp_path / "no-such-model"), "cpu", "fp32", "none", "none", api_name="/load_model")
     assert studio.model_spec == before
-    status, info, badge, size = client.predict(str(tiny_sd15_dir), "cpu", "fp32", "none", "none",
-                                               api_name="/load_model")
+    status, info, badge, size = client.predict(
+        str(tiny_sd15_dir), "cpu", "fp32", "none", "none", api_name="/load_model"
+    )
     assert "Loaded" in status and "sd15" in info and studio.model_spec.device == "cpu"
