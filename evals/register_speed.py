@@ -49,7 +49,7 @@ def make_photos(folder: Path, size: int, count: int = 4) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--random-arch", choices=("sd15", "sdxl"), default=None)
@@ -69,67 +69,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--class-word", default="dog")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def time_preset(bundle: ModelBundle, name: str, photos: tuple[str, ...], folder: Path, args) -> dict:
+    """Register once with preset `name` (at most --max-steps steps); its times, losses, Δ size and peak memory."""
+    preset = REGISTER_PRESETS[name]
+    steps = min(preset.steps, args.max_steps) if args.max_steps else preset.steps
+    library, stamps = SubjectLibrary(folder / f"lib-{name}"), []
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    begin = time.perf_counter()
+    request = RegisterRequest("bench", args.class_word, photos, preset=name)
+    register_subject(
+        bundle,
+        request,
+        library,
+        on_progress=lambda p: stamps.append(time.perf_counter()),
+        overrides={"steps": steps, "checkpoint_every": 0},
+    )
+    total = time.perf_counter() - begin
+    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else stamps[0] - begin
+    stats = library.meta("bench")["stats"]
+    return {
+        "preset": name,
+        "steps": steps,
+        "of": preset.steps,
+        "seconds": total,
+        "per_step": per_step,
+        "estimate": total - per_step * steps + per_step * preset.steps,
+        "before": stats["l_sub_eval_before"],
+        "after": stats["l_sub_eval_after"],
+        "heldout": stats["heldout_preservation_error"],
+        "bytes": (library.root / "bench" / "residuals.safetensors").stat().st_size,
+        "peak": torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     bundle, label = build_bundle(args)
-    load_seconds = time.perf_counter() - started
     print(
         f"model: {label}  family {bundle.family}  device {bundle.device}  dtype {bundle.dtype}  "
-        f"native {bundle.native_size}px  (built/loaded in {load_seconds:.1f}s)"
+        f"native {bundle.native_size}px  (built/loaded in {time.perf_counter() - started:.1f}s)"
     )
     if bundle.device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name(bundle.device)}")
-    rows = []
     with tempfile.TemporaryDirectory() as folder:
         photos = make_photos(Path(folder), bundle.native_size)
-        for preset_name in args.presets.split(","):
-            preset = REGISTER_PRESETS[preset_name]
-            steps = min(preset.steps, args.max_steps) if args.max_steps else preset.steps
-            library = SubjectLibrary(Path(folder) / f"lib-{preset_name}")
-            stamps: list[float] = []
-            if bundle.device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            begin = time.perf_counter()
-            register_subject(
-                bundle,
-                RegisterRequest("bench", args.class_word, photos, preset=preset_name),
-                library,
-                on_progress=lambda p, stamps=stamps: stamps.append(time.perf_counter()),
-                overrides={"steps": steps, "checkpoint_every": 0},
-            )
-            total = time.perf_counter() - begin
-            per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else stamps[0] - begin
-            setup = total - per_step * steps
-            stats = library.meta("bench")["stats"]
-            size = (library.root / "bench" / "residuals.safetensors").stat().st_size
-            peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
-            rows.append(
-                (
-                    preset_name,
-                    steps,
-                    preset.steps,
-                    total,
-                    per_step,
-                    setup + per_step * preset.steps,
-                    stats["l_sub_eval_before"],
-                    stats["l_sub_eval_after"],
-                    stats["heldout_preservation_error"],
-                    size,
-                    peak,
-                )
-            )
-    print()
+        rows = [time_preset(bundle, name, photos, Path(folder), args) for name in args.presets.split(",")]
     print(
-        f"{'preset':<9} {'steps':>5} {'of':>5} {'seconds':>8} {'s/step':>7} {'est.full s':>10} "
+        f"\n{'preset':<9} {'steps':>5} {'of':>5} {'seconds':>8} {'s/step':>7} {'est.full s':>10} "
         f"{'L_sub before→after':>20} {'held-out err':>12} {'Δ bytes':>8} {'peak GiB':>8}"
     )
-    for name, steps, full, total, per_step, estimate, before, after, err, size, peak in rows:
+    for r in rows:
         print(
-            f"{name:<9} {steps:>5} {full:>5} {total:>8.2f} {per_step:>7.3f} {estimate:>10.1f} "
-            f"{before:>9.4f}→{after:<9.4f} {err:>12.4f} {size:>8} {peak:>8.2f}"
+            f"{r['preset']:<9} {r['steps']:>5} {r['of']:>5} {r['seconds']:>8.2f} {r['per_step']:>7.3f} "
+            f"{r['estimate']:>10.1f} {r['before']:>9.4f}→{r['after']:<9.4f} {r['heldout']:>12.4f} "
+            f"{r['bytes']:>8} {r['peak']:>8.2f}"
         )
     return 0
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import PngImagePlugin
 
 from engines.types import LIMITS, SCHEDULERS, Cancelled, GenerateRequest, GenerateResult, InputError, SubjectInfo
 from studio.ui.canvas import (
@@ -316,7 +315,7 @@ class ComposeTab:
                 if kind == "progress":
                     yield progress_html("Generating", item), [item.preview] if item.preview is not None else gr.skip()
                 else:
-                    yield finished(item, self.sessions.outputs(request))
+                    yield self.finished(item, self.sessions.outputs(request))
         except Cancelled:
             yield idle_html("Stopped — nothing was changed."), gr.skip()
 
@@ -377,26 +376,13 @@ class ComposeTab:
         size = gr.update(choices=with_choice(size_choices(native), form.size), value=form.size)
         return form.as_outputs(size=size)
 
-
-def finished(result: GenerateResult, folder: Path) -> tuple[str, list[str]]:
-    """The last update of a generation: "Done" with the seeds, and the saved PNGs in the gallery."""
-    paths = save_pngs(result.images, result.metadata, folder)
-    seeds = ", ".join(str(s) for s in result.seeds)
-    took = result.timings.get("total", 0.0)
-    return progress_html("Done", extra=f"seed {seeds} · {took:.1f}s", state="done"), paths
-
-
-def save_pngs(images: tuple, metadata: tuple, folder: Path) -> list[str]:
-    """Write each image with its text chunks, so downloads and "Reuse settings" keep the whole request."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for index, (image, chunks) in enumerate(zip(images, metadata)):
-        info = PngImagePlugin.PngInfo()
-        for key, value in (chunks or image.info or {}).items():
-            if isinstance(value, str):
-                info.add_text(key, value)
-        path = folder / f"troupe-{stamp}-{index + 1}.png"
-        image.save(path, format="PNG", pnginfo=info)
-        paths.append(str(path))
-    return paths
+    def finished(self, result: GenerateResult, folder: Path) -> tuple[str, list[str]]:
+        """The last update of a generation: "Done" with the seeds, and the saved PNGs (settings included)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = [
+            str(self.sessions.studio.save_png(image, folder / f"troupe-{stamp}-{index + 1}.png"))
+            for index, image in enumerate(result.images)
+        ]
+        seeds = ", ".join(str(s) for s in result.seeds)
+        took = result.timings.get("total", 0.0)
+        return progress_html("Done", extra=f"seed {seeds} · {took:.1f}s", state="done"), paths

@@ -1,0 +1,223 @@
+"""What a generation asks for and gives back: regions and their layout, layout guidance and its modes, the request,
+the result and the progress reported after each step. Validated when built."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engines.types.checks import check_keys, finite, require, whole
+from engines.types.tables import LIMITS, SCHEDULERS
+
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in [0, 1] of the canvas
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box on the canvas bound to some words of the prompt (or to a registered subject)."""
+
+    phrase: str
+    box: Box
+    subject: str | None = None
+    layer: int = 0  # 0 is the back; higher is in front
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "box", tuple(float(v) for v in self.box))
+        label = self.subject or self.phrase
+        require(bool(self.phrase.strip()) or self.subject is not None, "a region needs a phrase or a subject")
+        require(len(self.box) == 4, f"region '{label}': a box has four numbers x0,y0,x1,y1")
+        x0, y0, x1, y1 = self.box
+        require(
+            all(finite(v) and 0.0 <= v <= 1.0 for v in self.box),
+            f"region '{label}': box {self.box} must lie inside the canvas (every number in [0, 1])",
+        )
+        require(x1 > x0 and y1 > y0, f"region '{label}': box {self.box} has zero area (need x0 < x1 and y0 < y1)")
+        require(isinstance(self.layer, int) and self.layer >= 0, f"region '{label}': layer must be an integer ≥ 0")
+
+    @property
+    def label(self) -> str:
+        return f"<{self.subject}>" if self.subject else self.phrase
+
+
+@dataclass(frozen=True)
+class Layout:
+    regions: tuple[Region, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regions", tuple(self.regions))
+
+    def back_to_front(self) -> tuple[Region, ...]:
+        """Regions sorted by layer; on equal layers, a later region is drawn in front (stable sort)."""
+        return tuple(sorted(self.regions, key=lambda r: r.layer))
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Layout guidance (Cones 2 §3.3, Eq. 7): add η(t)·M to the cross-attention logits of each region's tokens.
+
+    η(t) = strength · log(1 + σ_t²) · std(QKᵀ); M = inside_weight in the region's cells, other_region_weight in
+    cells owned by another region, background_weight in cells no region owns. The Cones 2 public code uses
+    strength 0.08, inside 2.5 and −1e8 everywhere outside (notes/reference-implementations.md §1.4).
+
+    Box fitting (`fit_iterations` > 0, engines/box_fitting.py) also moves the latent, before each early step, down
+    the gradient of an energy that is low when every region's words are attended inside its box (Chen et al.'s
+    backward guidance). It costs a UNet forward and backward per iteration, so it is off unless asked for.
+    """
+
+    FIT_ITERATIONS = 3  # box fitting when switched on (docs/layout.md: the demo bench's best trade)
+    MAX_FIT_ITERATIONS = 10
+
+    strength: float = 0.08
+    inside_weight: float = 2.5
+    other_region_weight: float = -1e8
+    background_weight: float = 0.0
+    guided_fraction: float = 1.0  # guide while t ≥ (1 − fraction)·T
+    bound_self_attention: bool = False  # Bounded Attention: no self-attention between different regions
+    fit_iterations: int = 0  # box fitting: latent updates before each fitted step; 0 = off
+    fit_fraction: float = 0.5  # fit while t ≥ (1 − fraction)·T
+    fit_scale: float = 30.0  # step size of the latent update (the public layout-guidance code's 30)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "strength",
+            "inside_weight",
+            "other_region_weight",
+            "background_weight",
+            "guided_fraction",
+            "fit_fraction",
+            "fit_scale",
+        ):
+            require(finite(getattr(self, name)), f"guidance {name} must be a finite number")
+        require(self.strength >= 0, "guidance strength must be ≥ 0")
+        require(0.0 <= self.guided_fraction <= 1.0, "guided fraction must be in [0, 1]")
+        require(
+            type(self.fit_iterations) is int and 0 <= self.fit_iterations <= self.MAX_FIT_ITERATIONS,
+            f"box-fitting iterations must be an integer in 0..{self.MAX_FIT_ITERATIONS}",
+        )
+        require(0.0 <= self.fit_fraction <= 1.0, "box-fitting fraction must be in [0, 1]")
+        require(self.fit_scale >= 0, "box-fitting scale must be ≥ 0")
+
+    @classmethod
+    def cones2_public(cls) -> GuidanceConfig:
+        """Exactly the public Cones 2 code: the subject's tokens are masked out everywhere but its region."""
+        return cls(strength=0.08, inside_weight=2.5, other_region_weight=-1e8, background_weight=-1e8)
+
+    @classmethod
+    def off(cls) -> GuidanceConfig:
+        return cls(strength=0.0)
+
+    def fitted(self, iterations: int | None = None) -> GuidanceConfig:
+        """The same guidance with box fitting on (the UI's "Fit objects to their boxes")."""
+        return dataclasses.replace(self, fit_iterations=self.FIT_ITERATIONS if iterations is None else iterations)
+
+
+@dataclass(frozen=True)
+class GuidanceMode:
+    title: str  # as tables and the UI show it
+    config: GuidanceConfig
+    about: str
+
+
+GUIDANCE_MODES: dict[str, GuidanceMode] = {
+    "off": GuidanceMode("none", GuidanceConfig.off(), "no layout guidance"),
+    "cones2": GuidanceMode(
+        "Cones 2 public settings",
+        GuidanceConfig.cones2_public(),
+        "the public Cones 2 code: a region's words are masked out everywhere but its box",
+    ),
+    "troupe": GuidanceMode("Troupe default", GuidanceConfig(), "Troupe's default layout guidance"),
+    "troupe-fitted": GuidanceMode(
+        "Troupe default + box fitting",
+        GuidanceConfig().fitted(),
+        "the default plus box fitting: objects drawn at their boxes' size (2-4x slower)",
+    ),
+}
+GUIDANCE_ALIASES = {"none": "off", "cones2-public": "cones2"}  # the names the bench used before the CLI's
+
+
+def guidance_mode(name: str, what: str = "guidance mode") -> GuidanceMode:
+    """A mode of GUIDANCE_MODES by its name or an older alias."""
+    key = GUIDANCE_ALIASES.get(name, name)
+    require(key in GUIDANCE_MODES, f"unknown {what} {name} (choose from {', '.join(GUIDANCE_MODES)})")
+    return GUIDANCE_MODES[key]
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str
+    negative_prompt: str = ""
+    layout: Layout = field(default_factory=Layout)
+    relation: str | None = None
+    seed: int | None = None  # None: a random seed, reported in the result
+    steps: int = 20
+    cfg: float = 7.5
+    scheduler: str = "default"
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    num_images: int = 1
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+
+    def __post_init__(self) -> None:
+        require(bool(self.prompt.strip()), "the prompt is empty: describe the picture first")
+        require(whole(self.steps, 1, LIMITS.steps), f"steps must be an integer in 1..{LIMITS.steps}")
+        require(finite(self.cfg) and 0.0 <= self.cfg <= LIMITS.cfg, f"CFG must be a number in 0..{LIMITS.cfg:g}")
+        require(
+            self.scheduler in SCHEDULERS, f"unknown scheduler '{self.scheduler}' (choose from {', '.join(SCHEDULERS)})"
+        )
+        require(whole(self.num_images, 1, LIMITS.images), f"number of images must be 1..{LIMITS.images}")
+        require(self.seed is None or whole(self.seed, 0, 2**63 - 1), "seed must be an integer ≥ 0")
+        for name in ("width", "height"):
+            size = getattr(self, name)
+            require(
+                size is None or (whole(size, LIMITS.min_side, LIMITS.max_side) and size % 8 == 0),
+                f"{name} must be a multiple of 8 between {LIMITS.min_side} and {LIMITS.max_side}",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerateRequest:
+        """Inverse of `to_dict`; unknown keys are an error, so a typo never silently changes a picture."""
+        data = dict(_fields_of(cls, data, required=("prompt",)))
+        layout = _fields_of(Layout, data.pop("layout", None) or {})
+        regions = []
+        for region in layout.get("regions", ()):
+            region = _fields_of(Region, region, required=("phrase", "box"))
+            require(isinstance(region["box"], (list, tuple)), "a region's box must be a list of four numbers")
+            regions.append(Region(**{**region, "box": tuple(region["box"])}))
+        guidance = _fields_of(GuidanceConfig, data.pop("guidance", None) or {})
+        return cls(**data, layout=Layout(tuple(regions)), guidance=GuidanceConfig(**guidance))
+
+
+def _fields_of(kind: type, data: Any, required: Iterable[str] = ()) -> dict[str, Any]:
+    return check_keys(data, kind.__name__, [f.name for f in dataclasses.fields(kind)], required)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    images: tuple[Any, ...]  # PIL.Image.Image, each carrying its metadata in `.info`
+    seeds: tuple[int, ...]
+    request: GenerateRequest
+    metadata: tuple[dict[str, str], ...]  # the PNG text chunks of each image
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """What a generation or registration reports after each step."""
+
+    step: int  # 1-based
+    total: int
+    elapsed: float
+    preview: Any = None  # PIL.Image.Image or None
+    loss: float | None = None
+
+    @property
+    def eta(self) -> float:
+        return self.elapsed / max(self.step, 1) * (self.total - self.step)
+
+
+ProgressCallback = Callable[[StepProgress], None]
