@@ -1,8 +1,9 @@
 """Generator: GenerateRequest → GenerateResult on an unmodified diffusers pipeline.
 
-Customisation goes through the three doors DESIGN.md allows: `prompt_embeds` (subject residuals, Cones 2 Eq. 6),
-attention processors (layout guidance, kernels/region_attention.py) and the step callback (progress, preview,
-cancellation). With no regions and no subjects the pipeline runs exactly as diffusers would, bit for bit.
+Customisation goes through the doors DESIGN.md allows: `prompt_embeds` (subject residuals, Cones 2 Eq. 6),
+attention processors (layout guidance, kernels/region_attention.py; reference attention, engines/references.py),
+hooks on the UNet (η(t), the reference pass, SynCD's image guidance) and the step callback (progress, preview,
+cancellation, box fitting). With no regions and no subjects the pipeline runs exactly as diffusers would, bit for bit.
 """
 
 from __future__ import annotations
@@ -10,20 +11,21 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import diffusers
-import numpy as np
 import torch
-from PIL import Image
 
 from engines import metadata
 from engines.box_fitting import BoxFitter
+from engines.image_guidance import ImageGuidance
 from engines.layout import build_maps, guidance_scale_at
 from engines.models import ModelBundle
+from engines.previews import latent_preview, previews_per_run
+from engines.prompt_subjects import PromptSubjects, add_residuals
 from engines.prompts import ParsedPrompt, parse_prompt
+from engines.references import ReferencePass, encode_references, routing_masks
 from engines.types import (
     SCHEDULERS,
     Cancelled,
@@ -34,20 +36,6 @@ from engines.types import (
     StepProgress,
 )
 from kernels.region_attention import GuidanceState, install
-
-# Latent → RGB linear approximations for previews (notes/performance-anchors.md §7, ComfyUI latent_formats),
-# rows = latent channels, columns = R, G, B, applied to the scaled latent.
-PREVIEW_FACTORS = {
-    "sd15": (
-        [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
-        [0.0, 0.0, 0.0],
-    ),
-    "sdxl": (
-        [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
-        [0.1084, -0.0175, -0.0011],
-    ),
-}
-PREVIEW_FACTORS["sd2"] = PREVIEW_FACTORS["sd15"]  # same VAE
 
 
 @dataclass(frozen=True)
@@ -65,22 +53,24 @@ class Generator:
     def __call__(
         self,
         request: GenerateRequest,
-        class_words: Mapping[str, str] | None = None,
-        residuals: Callable[[str], dict[str, torch.Tensor]] | None = None,
+        subjects: PromptSubjects | None = None,
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerateResult:
         started = time.perf_counter()
+        subjects = subjects or PromptSubjects()
         # 1. Check inputs and fix the seeds (one per image, reported).
         width, height = self.image_size(request)
         seeds = self.seeds(request)
+        use_references, warnings = self.uses_references(request, subjects)
         # 2. Encode the prompt; add each subject's residual at its class-word tokens (Cones 2 Eq. 6).
-        prepared = self.prepare_prompt(request, class_words or {}, residuals)
+        prepared = self.prepare_prompt(request, subjects)
         encoded = time.perf_counter()
-        # 3. Denoise with layout guidance installed on the UNet; everything is restored afterwards.
+        # 3. Denoise with layout guidance (and references) installed on the UNet; everything is restored afterwards.
         with (
             self._scheduler(request.scheduler),
             self._layout_guidance(request, prepared.parsed, width, height) as state,
+            self._references(request, subjects, use_references, (width, height), seeds[0], state),
         ):
             fitter = self._box_fitter(request, prepared.parsed, state)
             images = self.bundle.pipe(
@@ -95,12 +85,26 @@ class Generator:
                 output_type="pil",
             ).images
         denoised = time.perf_counter()
-        # 4. Every image carries the request that makes it again.
-        infos = [metadata.png_info(replace(request, seed=seed, num_images=1), self.bundle) for seed in seeds]
+        # 4. Every image carries the request that makes it again, with the references' choice written out.
+        made = replace(request, references=replace(request.references, enabled=use_references))
+        infos = [metadata.png_info(replace(made, seed=seed, num_images=1), self.bundle) for seed in seeds]
         for image, info in zip(images, infos):
             image.info.update(info)
         timings = {"encode": encoded - started, "denoise": denoised - encoded, "total": time.perf_counter() - started}
-        return GenerateResult(tuple(images), tuple(seeds), request, tuple(infos), timings)
+        return GenerateResult(tuple(images), tuple(seeds), made, tuple(infos), timings, subjects.warnings + warnings)
+
+    @staticmethod
+    def uses_references(request: GenerateRequest, subjects: PromptSubjects) -> tuple[bool, tuple[str, ...]]:
+        """Whether this request reads the subjects' photos, and what the person should hear about it."""
+        config = request.references
+        if config.enabled is False or config.strength == 0:
+            return False, ()
+        if config.guides_images and request.cfg <= 1:
+            raise InputError("image guidance needs CFG above 1 (it balances the text and the photos against it)")
+        if not subjects.photos:
+            asked = config.enabled is True and subjects.class_words
+            return False, ("references are on, but no subject in the prompt has photos",) if asked else ()
+        return True, ()
 
     def image_size(self, request: GenerateRequest) -> tuple[int, int]:
         native = self.bundle.native_size
@@ -115,13 +119,8 @@ class Generator:
         base = request.seed if request.seed is not None else random.randrange(2**31)
         return [base + k for k in range(request.num_images)]
 
-    def prepare_prompt(
-        self,
-        request: GenerateRequest,
-        class_words: Mapping[str, str],
-        residuals: Callable[[str], dict[str, torch.Tensor]] | None,
-    ) -> PreparedPrompt:
-        parsed = parse_prompt(request.prompt, request.layout, class_words, self.bundle.tokenizers)
+    def prepare_prompt(self, request: GenerateRequest, subjects: PromptSubjects) -> PreparedPrompt:
+        parsed = parse_prompt(request.prompt, request.layout, subjects.class_words, self.bundle.tokenizers)
         pipe, device = self.bundle.pipe, self.bundle.device
         do_cfg = request.cfg > 1
         if self.bundle.is_xl:
@@ -138,9 +137,9 @@ class Generator:
                 parsed.text, device, request.num_images, do_cfg, negative_prompt=request.negative_prompt or None
             )
             embeds = {}
-        if parsed.subjects:
+        if subjects.residuals:
             positive = add_residuals(
-                positive, parsed, residuals, [e.config.hidden_size for e in self.bundle.text_encoders]
+                positive, parsed, subjects, [e.config.hidden_size for e in self.bundle.text_encoders]
             )
         return PreparedPrompt(parsed, {**embeds, "prompt_embeds": positive, "negative_prompt_embeds": negative})
 
@@ -189,6 +188,25 @@ class Generator:
             hook.remove()
             unet.set_attn_processor(previous)
 
+    @contextmanager
+    def _references(self, request, subjects: PromptSubjects, active: bool, size: tuple[int, int], seed: int, state):
+        """Reference attention (engines/references.py) and, when asked for, SynCD's image guidance."""
+        if not active:
+            yield None
+            return
+        pipe = self.bundle.pipe
+        factor, levels = pipe.vae_scale_factor, len(pipe.unet.config.block_out_channels)
+        refs = encode_references(self.bundle, subjects.photos)
+        side = self.bundle.native_size // factor
+        masks = routing_masks(request.layout, refs, (size[1] // factor, size[0] // factor), levels, (side, side))
+        passes = ReferencePass(self.bundle, refs, masks, request.references, request.num_images, seed, state)
+        if state is not None and request.guidance.bound_self_attention:
+            passes.state.self_blocked = {n: m.self_blocked for n, m in state.maps.items() if m.self_blocked is not None}
+        guided = request.references.guides_images
+        images = ImageGuidance(pipe.unet, request.references, request.cfg, request.num_images, passes.state)
+        with passes, images if guided else nullcontext():
+            yield passes
+
     def _box_fitter(self, request: GenerateRequest, parsed: ParsedPrompt, state: GuidanceState | None):
         if state is None or request.guidance.fit_iterations == 0:
             return None
@@ -215,9 +233,7 @@ class Generator:
         return kwargs
 
     def _step_callback(self, request: GenerateRequest, fitter: BoxFitter | None, on_progress, cancel, started: float):
-        # A linear preview costs nothing, and ten per run are plenty; a VAE-decoded one (the demo model) costs
-        # about a tenth of a 64x64 run's denoising on a CPU, so it shows four.
-        every = max(1, request.steps // (10 if self.bundle.family in PREVIEW_FACTORS else 4))
+        every = max(1, request.steps // previews_per_run(self.bundle.family))
 
         def callback(pipe, step: int, timestep, tensors: dict) -> dict:
             if cancel is not None and cancel.is_set():
@@ -225,7 +241,7 @@ class Generator:
             if on_progress is not None:
                 done = step + 1
                 show = done % every == 0 or done == request.steps
-                preview = self.preview(tensors["latents"]) if show else None
+                preview = latent_preview(self.bundle, tensors["latents"]) if show else None
                 on_progress(StepProgress(done, request.steps, time.perf_counter() - started, preview))
             upcoming = pipe.scheduler.timesteps[step + 1] if step + 1 < len(pipe.scheduler.timesteps) else None
             if fitter is None or upcoming is None or not fitter.wants(pipe.scheduler, upcoming):
@@ -234,44 +250,3 @@ class Generator:
             return {"latents": fitter(pipe.scheduler, tensors["latents"], upcoming, conditioning)}
 
         return callback
-
-    def preview(self, latents: torch.Tensor) -> Image.Image:
-        """The first image's current latent as RGB: a linear map for SD-family VAEs, the (tiny) VAE otherwise."""
-        latent = latents[:1].float()  # (1, 4, h, w)
-        factors = PREVIEW_FACTORS.get(self.bundle.family)
-        if factors is not None:
-            weight = torch.tensor(factors[0], device=latent.device)  # (4, 3)
-            bias = torch.tensor(factors[1], device=latent.device)
-            rgb = torch.einsum("bchw,cr->bhwr", latent, weight) + bias  # (1, h, w, 3)
-        else:
-            vae = self.bundle.pipe.vae
-            with torch.no_grad():
-                decoded = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor).sample.float()  # (1, 3, H, W)
-            rgb = decoded.permute(0, 2, 3, 1)
-        pixels = ((rgb[0].clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-        return Image.fromarray(np.ascontiguousarray(pixels))
-
-
-def add_residuals(
-    prompt_embeds: torch.Tensor,
-    parsed: ParsedPrompt,
-    residuals: Callable[[str], dict[str, torch.Tensor]] | None,
-    widths: list[int],
-) -> torch.Tensor:
-    """Cones 2 Eq. 6: c' = c + Δ at the class-word tokens of each subject occurrence. The pipeline concatenates the
-    encoders' outputs along features (SDXL: 768 + 1280), so Δ is concatenated in the same order.
-    prompt_embeds (B, T, ΣD) → (B, T, ΣD)."""
-    if residuals is None:
-        raise InputError("this prompt names subjects, but no subject library is available")
-    out = prompt_embeds.clone()
-    names = ("text_encoder", "text_encoder_2")[: len(widths)]
-    for occurrence in parsed.subjects:
-        per_encoder = residuals(occurrence.name)
-        delta = torch.cat([per_encoder[name] for name in names], dim=-1)  # (n_tokens, ΣD)
-        if delta.shape != (len(occurrence.positions), sum(widths)):
-            raise InputError(
-                f"<{occurrence.name}> was registered with a class word of {delta.shape[0]} token(s) and "
-                f"width {delta.shape[-1]}; here it is {len(occurrence.positions)} × {sum(widths)}"
-            )
-        out[:, list(occurrence.positions)] += delta.to(out.device, out.dtype)
-    return out

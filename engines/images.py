@@ -5,8 +5,10 @@ file, a decompression bomb (too many pixels) or a tiny image is an InputError na
 turned upright (EXIF orientation), converted to RGB, given a foreground mask, cropped to a square around the subject
 and resized to the model's training size. The mask later weights the denoising loss (engines/register/).
 
-Foreground masks: the alpha channel of a cut-out photo (PNG/WebP with transparency); else an ONNX segmenter run through onnxruntime when its model file is present (`TROUPE_SEGMENTER`
-or ~/.troupe/models/segmenter.onnx), otherwise OpenCV GrabCut seeded with a centre rectangle.
+Foreground masks: the alpha channel of a cut-out photo (PNG/WebP with transparency); else an ONNX segmenter run
+through onnxruntime when its model file is present (`TROUPE_SEGMENTER` or ~/.troupe/models/segmenter.onnx), otherwise
+OpenCV GrabCut seeded with a centre rectangle. A photo in which no foreground is found is refused: its mask would
+steer reference attention and the masked loss to nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from engines.types import InputError
 FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; more is refused (decompression bombs)
 MIN_SIDE = 32  # pixels; a smaller image has nothing to learn from
+MIN_FOREGROUND = 0.005  # share of a photo's pixels: less is "no subject found"
 CROP_MARGIN = 0.15  # fraction of the subject's box added on each side before squaring
 GRABCUT_SIDE = 256  # GrabCut runs on a copy at most this big (it is O(pixels))
 DEFAULT_SEGMENTER = Path("~/.troupe/models/segmenter.onnx")
@@ -119,7 +122,10 @@ def find_segmenter(path: str | Path | None = None) -> OnnxSegmenter | None:
 
 
 def grabcut_mask(image: Image.Image, iterations: int = 4) -> np.ndarray:
-    """Foreground in {0, 1}, shape (H, W): GrabCut seeded with a centre rectangle (10% margin on each side)."""
+    """Foreground in {0, 1}, shape (H, W), by GrabCut. It is seeded from the photo's border: pixels far from the
+    border's median colour are probably the subject, the border itself is background where it has that colour. A
+    subject off-centre or filling most of the frame is found this way; a photo with no such pixels falls back to a
+    centre rectangle (10% margin on each side)."""
     import cv2
 
     width, height = image.size
@@ -127,18 +133,32 @@ def grabcut_mask(image: Image.Image, iterations: int = 4) -> np.ndarray:
     small = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
     bgr = np.ascontiguousarray(np.asarray(small)[:, :, ::-1])  # (h, w, 3) uint8
     h, w = bgr.shape[:2]
-    rect = (int(w * 0.1), int(h * 0.1), max(1, int(w * 0.8)), max(1, int(h * 0.8)))
-    mask = np.zeros((h, w), np.uint8)
+    mask, mode, rect = _border_seed(bgr), cv2.GC_INIT_WITH_MASK, None
+    if not (mask == cv2.GC_PR_FGD).any():
+        mask, mode = np.zeros((h, w), np.uint8), cv2.GC_INIT_WITH_RECT
+        rect = (int(w * 0.1), int(h * 0.1), max(1, int(w * 0.8)), max(1, int(h * 0.8)))
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     try:
-        cv2.grabCut(bgr, mask, rect, bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
+        cv2.grabCut(bgr, mask, rect, bgd, fgd, iterations, mode)
         fg = ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).astype(np.float32)
     except cv2.error:  # e.g. a flat image: GrabCut cannot fit its colour models
         fg = np.zeros((h, w), np.float32)
-    if fg.mean() < 0.01:  # nothing found: fall back to the centre ellipse the rectangle implied
-        yy, xx = np.mgrid[0:h, 0:w]
-        fg = ((((xx + 0.5) / w - 0.5) / 0.4) ** 2 + (((yy + 0.5) / h - 0.5) / 0.4) ** 2 <= 1.0).astype(np.float32)
     return np.asarray(Image.fromarray((fg * 255).astype(np.uint8)).resize((width, height), Image.NEAREST)) / 255.0
+
+
+def _border_seed(bgr: np.ndarray, ring: int = 2, far: float = 40.0) -> np.ndarray:
+    """GrabCut's starting labels (h, w) uint8: probable foreground where a pixel's colour is `far` from the median
+    colour of the photo's outer `ring` pixels, sure background on that ring where it has that colour."""
+    import cv2
+
+    pixels = bgr.astype(np.float32)
+    edge = np.ones(bgr.shape[:2], bool)
+    edge[ring:-ring, ring:-ring] = False
+    distance = np.linalg.norm(pixels - np.median(pixels[edge], axis=0), axis=-1)  # (h, w)
+    seed = np.full(bgr.shape[:2], cv2.GC_PR_BGD, np.uint8)
+    seed[distance > far] = cv2.GC_PR_FGD
+    seed[edge & (distance <= far)] = cv2.GC_BGD
+    return seed
 
 
 def subject_square(fg: np.ndarray, native: int, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
@@ -165,6 +185,11 @@ def prepare_photo(path: str | Path, size: int, segmenter: OnnxSegmenter | None =
         fg = alpha
     else:
         fg = segmenter(image) if segmenter is not None else grabcut_mask(image)  # (H, W) in [0, 1]
+    if (fg > 0.5).mean() < MIN_FOREGROUND:
+        raise InputError(
+            f"photo {Path(path).name}: no subject found in it (its foreground is empty); use a photo in "
+            "which the subject stands out from the background, or a cut-out PNG with transparency"
+        )
     box = subject_square(fg, size)
     photo = image.crop(box).resize((size, size), Image.LANCZOS)
     mask_full = Image.fromarray((fg * 255).clip(0, 255).astype(np.uint8))

@@ -91,7 +91,7 @@ class SubjectLibrary:
         meta = validate_meta(meta, where)
         if meta["name"] != folder.name:
             raise InputError(f"{where}: {META} names '{meta['name']}'")
-        if not (folder / RESIDUALS).is_file():
+        if meta.get("residual", True) and not (folder / RESIDUALS).is_file():
             raise InputError(f"{where}: {RESIDUALS} is missing")
         return meta
 
@@ -108,6 +108,7 @@ class SubjectLibrary:
             thumbnail=str(thumbnail) if thumbnail.is_file() else None,
             photos=tuple(str(folder / p) for p in meta.get("photos", [])),
             photo_loss=photo_loss(meta.get("stats", {})),
+            has_residual=meta.get("residual", True),
         )
 
     def list(self) -> list[SubjectInfo]:
@@ -141,7 +142,8 @@ class SubjectLibrary:
 
     def residuals(self, name: str) -> dict[str, torch.Tensor]:
         """Δ per text encoder ('text_encoder', and 'text_encoder_2' for SDXL): float32 (n_class_tokens, width)."""
-        self.get(name)
+        if not self.get(name).has_residual:
+            raise InputError(f"subject '{name}' is an instant subject: it has photos, not a trained residual")
         path = self.folder(name) / RESIDUALS
         try:
             with safe_open(str(path), framework="pt") as file:
@@ -150,9 +152,21 @@ class SubjectLibrary:
             raise InputError(f"subject '{name}': {RESIDUALS} is unreadable ({error})") from error
         return check_residuals(tensors, f"subject '{name}'")
 
+    def reference_photos(self, name: str) -> list[tuple[Image.Image, Image.Image]]:
+        """The subject's (photo, foreground mask) pairs whose files are still there, loaded (RGB, L)."""
+        meta, folder = self.meta(name), self.folder(name)
+        pairs = []
+        for photo, mask in zip(meta.get("photos", []), meta.get("masks", [])):
+            if (folder / photo).is_file() and (folder / mask).is_file():
+                with Image.open(folder / photo) as image, Image.open(folder / mask) as alpha:
+                    pairs.append((image.convert("RGB"), alpha.convert("L")))
+        return pairs
+
     def check_compatible(self, name: str, family: str, fingerprint: str) -> None:
-        """A residual only means something to the text encoder it was trained against."""
+        """A residual only means something to the text encoder it was trained against (photos fit any model)."""
         info = self.get(name)
+        if not info.has_residual:
+            return
         if info.family != family:
             raise InputError(
                 f"subject '{name}' was trained on a {info.family} model; the loaded model is {family}: "
@@ -168,15 +182,17 @@ class SubjectLibrary:
     def add(
         self,
         info: SubjectInfo,
-        residuals: dict[str, torch.Tensor],
+        residuals: dict[str, torch.Tensor] | None,
         photos: list[Image.Image],
         masks: list[Image.Image],
         overwrite: bool = False,
         stats: dict[str, Any] | None = None,
     ) -> SubjectInfo:
-        """Build the whole subject folder under a temporary name inside root, then rename it into place."""
+        """Build the whole subject folder under a temporary name inside root, then rename it into place. Without
+        residuals (an instant subject) the photos are all it has."""
         name = check_subject_name(info.name)
-        residuals = check_residuals(residuals, f"subject '{name}'")
+        if residuals is not None:
+            residuals = check_residuals(residuals, f"subject '{name}'")
         if len(photos) != len(masks):
             raise InputError(f"subject '{name}': {len(photos)} photos but {len(masks)} masks")
         target = self.root / name
@@ -194,13 +210,15 @@ class SubjectLibrary:
             "photos": [f"photo_{i:02d}.png" for i in range(len(photos))],
             "masks": [f"mask_{i:02d}.png" for i in range(len(masks))],
             "stats": dict(stats or {}),
+            "residual": residuals is not None,
         }
         validate_meta(meta, f"subject '{name}'")
         self.root.mkdir(parents=True, exist_ok=True)
         self._sweep()
         temp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
         try:
-            save_file(residuals, str(temp / RESIDUALS))
+            if residuals is not None:
+                save_file(residuals, str(temp / RESIDUALS))
             for file_name, image in zip(meta["photos"], photos):
                 image.convert("RGB").save(temp / file_name)
             for file_name, image in zip(meta["masks"], masks):
@@ -266,7 +284,10 @@ class SubjectLibrary:
         """One .safetensors: residuals + thumbnail/photos/masks as uint8 tensors, metadata JSON in the header."""
         meta = self.meta(name)
         folder = self.folder(name)
-        tensors = {key: value for key, value in self.residuals(name).items()}
+        has_residual = self.get(name).has_residual
+        if not has_residual and not include_photos:
+            raise InputError(f"'{name}' is an instant subject: its photos are all it has, so export them too")
+        tensors = dict(self.residuals(name)) if has_residual else {}
         images = [("thumbnail", THUMBNAIL)] if (folder / THUMBNAIL).is_file() else []
         if include_photos:
             images += [(f"photo.{i}", p) for i, p in enumerate(meta.get("photos", []))]
@@ -315,7 +336,9 @@ class SubjectLibrary:
         unknown = set(tensors) - allowed
         if unknown:
             raise InputError(f"{path.name}: unexpected tensors {', '.join(sorted(unknown))}")
-        residuals = check_residuals({k: v for k, v in tensors.items() if k in ENCODER_KEYS}, path.name)
+        residuals = None
+        if meta.get("residual", True):
+            residuals = check_residuals({k: v for k, v in tensors.items() if k in ENCODER_KEYS}, path.name)
         photos = [to_image(tensors[f"photo.{i}"], "RGB", path.name) for i in range(len(meta.get("photos", [])))]
         masks = [to_image(tensors[f"mask.{i}"], "L", path.name) for i in range(len(meta.get("masks", [])))]
         if not photos and "thumbnail" in tensors:

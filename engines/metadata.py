@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from engines.types import SCHEDULERS, GenerateRequest, InputError
+from engines.types import SCHEDULERS, GenerateRequest, InputError, ReferenceConfig
 
 CHUNK = "troupe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: requests carry `references`; a version-1 image was made before they existed
 
 
 def png_info(request: GenerateRequest, bundle: Any) -> dict[str, str]:
@@ -62,9 +63,13 @@ def read_request(source: str | Path | Image.Image) -> GenerateRequest:
         raise InputError("this image carries no Troupe settings (was it made by Troupe and saved as PNG?)")
     try:
         data = json.loads(text)
-        return GenerateRequest.from_dict(data["request"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise InputError(f"this image's Troupe settings are damaged ({error})") from error
+        request = GenerateRequest.from_dict(data["request"])
+        version = data.get("version", 1)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise InputError(f"this image's Troupe settings are damaged ({type(error).__name__})") from error
+    if version == 1:  # made before reference attention existed: reusing it must not turn references on
+        request = replace(request, references=ReferenceConfig(enabled=False))
+    return request
 
 
 def _open(path: Path) -> Image.Image:

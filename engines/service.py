@@ -14,7 +14,6 @@ from engines.types import (
     ProgressCallback,
     RegisterRequest,
     SubjectInfo,
-    unknown_subject,
 )
 
 
@@ -78,12 +77,12 @@ class Studio:
         cancel: threading.Event | None = None,
     ) -> GenerateResult:
         from engines.generate import Generator
+        from engines.prompt_subjects import gather_subjects
 
         with self._gpu:
             bundle = self.bundle
-            class_words = self._class_words_for(request.prompt, bundle)
-            residuals = self.library.residuals if class_words else None
-            return Generator(bundle)(request, class_words, residuals, on_progress, cancel)
+            subjects = gather_subjects(request.prompt, self.library, bundle.family, bundle.fingerprint)
+            return Generator(bundle)(request, subjects, on_progress, cancel)
 
     def vae_roundtrip(self, image):
         """An RGB image (H, W, 3) uint8 through the model's VAE and back: what the model could show at best."""
@@ -101,20 +100,6 @@ class Studio:
         from engines.metadata import read_request
 
         return read_request(png_path)
-
-    def _class_words_for(self, prompt: str, bundle) -> dict[str, str]:
-        """Class words of the subjects the prompt names, each checked against the loaded model."""
-        from engines.prompts import SUBJECT_PATTERN
-
-        names = sorted({m.group(1) for m in SUBJECT_PATTERN.finditer(prompt)})
-        if not names:
-            return {}
-        known = {info.name: info for info in self.library.list()}
-        for name in names:
-            if name not in known:
-                raise unknown_subject(name, known)
-            self.library.check_compatible(name, bundle.family, bundle.fingerprint)
-        return {name: known[name].class_word for name in names}
 
     # Subjects -------------------------------------------------------------------------------------------------
     @property

@@ -37,6 +37,7 @@ _META_KEYS = {
     "photos": list,
     "masks": list,
     "stats": dict,
+    "residual": bool,  # False: an instant subject (no residuals.safetensors; its photos carry it)
 }
 
 
@@ -79,7 +80,7 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
     required = ("format_version", "name", "class_word", "family", "fingerprint", "created", "steps")
     check_keys(meta, where, _META_KEYS, required)
     for key, kind in _META_KEYS.items():
-        if key in meta and (not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool))):
+        if key in meta and (not isinstance(meta[key], kind) or (kind is not bool and isinstance(meta[key], bool))):
             raise InputError(f"{where}: '{key}' must be a {kind.__name__}")
     if meta["format_version"] != FORMAT_VERSION:
         raise InputError(
@@ -103,6 +104,8 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
         for file_name in meta.get(key, []):
             if not isinstance(file_name, str) or Path(file_name).name != file_name or not file_name.endswith(".png"):
                 raise InputError(f"{where}: bad file name in '{key}': {file_name!r}")
+    if not meta.get("residual", True) and not meta.get("photos"):
+        raise InputError(f"{where}: a subject without a residual needs its photos")
     return meta
 
 

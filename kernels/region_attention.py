@@ -31,6 +31,7 @@ class GuidanceState:
     maps: dict[int, ResolutionMaps]  # keyed by the number of query tokens HW
     images: int  # conditional rows: the last `images` rows of a call (all of them when CFG is not batched in)
     time_scale: float = 0.0  # strength · log(1 + σ_t²) at the current timestep; 0 disables guidance
+    suspended: bool = False  # True while the UNet runs for something else than the target (the reference pass)
     record: AttentionRecord = field(default_factory=AttentionRecord)
     device_maps: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
@@ -73,7 +74,12 @@ class RegionAttnProcessor:
 
     def _maps_for(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> ResolutionMaps | None:
         recording = self.is_cross and self.state.record.capturing
-        if (self.state.time_scale == 0 and not recording) or attention_mask is not None or hidden_states.ndim != 3:
+        if (
+            self.state.suspended
+            or (self.state.time_scale == 0 and not recording)
+            or attention_mask is not None
+            or hidden_states.ndim != 3
+        ):
             return None
         if attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection:
             return None  # not a transformer-block attention of SD's UNet

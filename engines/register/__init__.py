@@ -87,6 +87,8 @@ def resolve_preset(name: str, overrides: dict[str, Any] | None = None, family: s
     if name not in PRESETS:
         raise InputError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
     base = PRESETS[name]
+    if base.steps == 0:  # instant: nothing is trained, so there is nothing to override
+        return base
     preset = replace(base, **{"lr": FAMILY_LR.get(family, base.lr), **(overrides or {})})
     if preset.steps < 1 or preset.batch < 1 or preset.reg_batch < 1 or preset.lr <= 0 or preset.reg_weight < 0:
         raise InputError("registration settings: steps, batch and reg_batch must be ≥ 1, lr > 0, λ ≥ 0")
@@ -135,6 +137,8 @@ def register_subject(
     if not overwrite:
         library.check_free(request.name)
     prepared = prepare_photos(request.photos, bundle.native_size, segmenter)  # validates every photo first
+    if preset.steps == 0:
+        return _add_instant(bundle, request, prepared, library, overwrite)
     checkpoint = Checkpoint(library.work_dir(request.name), _request_key(bundle, request, preset))
     trained = train_subject(bundle, request, preset, prepared, checkpoint, on_progress, cancel)
     info = SubjectInfo(
@@ -156,3 +160,12 @@ def register_subject(
     )
     library.clear_work(request.name)
     return result
+
+
+def _add_instant(bundle, request: RegisterRequest, prepared, library, overwrite: bool) -> SubjectInfo:
+    """An instant subject: its cropped photos and foreground masks, no residual. It works with any model."""
+    info = SubjectInfo(name=request.name, class_word=request.class_word.strip(), family=bundle.family,
+                       fingerprint="", created=datetime.now(timezone.utc).isoformat(), steps=0)  # fmt: skip
+    photos, masks = [p.photo for p in prepared], [p.mask for p in prepared]
+    stats = {"preset": request.preset, "photos": len(prepared)}
+    return library.add(info, None, photos, masks, overwrite=overwrite, stats=stats)

@@ -21,6 +21,7 @@ from engines.types.generation import (
     guidance_mode,
 )
 from engines.types.models import ModelSpec
+from engines.types.references import START_MODES, ReferenceConfig
 from engines.types.subjects import (
     FAMILY_LR,
     REGISTER_PRESETS,
@@ -33,6 +34,8 @@ from engines.types.subjects import (
 from engines.types.tables import DEVICES, DTYPES, FAMILIES, LIMITS, OFFLOADS, QUANTIZATIONS, SCHEDULERS, Limits, Sampler
 
 __all__ = [
+    "START_MODES",
+    "ReferenceConfig",
     "Box",
     "Cancelled",
     "DEVICES",

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.types.checks import check_keys, finite, require, whole
+from engines.types.references import ReferenceConfig
 from engines.types.tables import LIMITS, SCHEDULERS
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in [0, 1] of the canvas
@@ -158,6 +159,7 @@ class GenerateRequest:
     height: int | None = None
     num_images: int = 1
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    references: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
         require(bool(self.prompt.strip()), "the prompt is empty: describe the picture first")
@@ -188,8 +190,9 @@ class GenerateRequest:
             region = _fields_of(Region, region, required=("phrase", "box"))
             require(isinstance(region["box"], (list, tuple)), "a region's box must be a list of four numbers")
             regions.append(Region(**{**region, "box": tuple(region["box"])}))
-        guidance = _fields_of(GuidanceConfig, data.pop("guidance", None) or {})
-        return cls(**data, layout=Layout(tuple(regions)), guidance=GuidanceConfig(**guidance))
+        guidance = GuidanceConfig(**_fields_of(GuidanceConfig, data.pop("guidance", None) or {}))
+        references = ReferenceConfig(**_fields_of(ReferenceConfig, data.pop("references", None) or {}))
+        return cls(**data, layout=Layout(tuple(regions)), guidance=guidance, references=references)
 
 
 def _fields_of(kind: type, data: Any, required: Iterable[str] = ()) -> dict[str, Any]:
@@ -203,6 +206,7 @@ class GenerateResult:
     request: GenerateRequest
     metadata: tuple[dict[str, str], ...]  # the PNG text chunks of each image
     timings: dict[str, float]
+    warnings: tuple[str, ...] = ()  # what the person should know (a subject's photos are gone, say)
 
 
 @dataclass(frozen=True)

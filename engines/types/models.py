@@ -18,9 +18,15 @@ class ModelSpec:
     quantization: str = "none"
     offload: str = "none"
     device: str = "auto"
+    reference_adapter: str = "auto"  # a .safetensors LoRA for reference attention; auto: the demo model's own; none
 
     def __post_init__(self) -> None:
         require(bool(self.source.strip()), "the model source is empty")
+        adapter = self.reference_adapter
+        require(
+            adapter in ("auto", "none") or str(adapter).endswith(".safetensors"),
+            f"reference adapter must be auto, none or a .safetensors file (got {adapter!r})",
+        )
         for name, allowed in (
             ("family", FAMILIES + (None,)),
             ("dtype", DTYPES),

@@ -33,6 +33,7 @@ class SubjectInfo:
     photos: tuple[str, ...] = ()  # paths of the cropped photos
     photo_loss: tuple[float, float] | None = None  # denoising loss on its photos before and after registration (fixed
     # noise and timesteps): one that hardly falls means the preset's learning rate is too low for this model
+    has_residual: bool = True  # False: an instant subject, which reaches pictures through its photos alone
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,19 @@ class RegisterPreset:
 # has to move the class token's output and L_reg (over a sentence bank) keeps the rest in place, so a larger lr with a
 # batch of photos reaches a usable Δ in a few hundred steps. λ = 1: both terms are per-element mean squares.
 REGISTER_PRESETS: dict[str, RegisterPreset] = {
+    "instant": RegisterPreset(
+        steps=0,
+        lr=0.0,
+        reg_weight=0.0,
+        batch=0,
+        reg_batch=0,
+        reg_pool=0,
+        delta_sentences=0,
+        checkpoint_every=0,
+        gpu_seconds=20.0,
+        why="no training: the photos and their masks are kept, and the subject reaches pictures "
+        "through them (reference attention); works with every model",
+    ),
     "quick": RegisterPreset(
         steps=120,
         lr=3e-5,

@@ -12,6 +12,7 @@ from engines.box_fitting import BoxFitter, layout_energy
 from engines.generate import Generator
 from engines.layout import build_maps
 from engines.models import DEMO_MODEL_DIR
+from engines.prompt_subjects import PromptSubjects
 from engines.types import GenerateRequest, GuidanceConfig, InputError, Layout, Region
 
 PROMPT = "a photo of dog and cat on the beach"
@@ -41,7 +42,7 @@ def one_fit(bundle, guidance: GuidanceConfig) -> tuple[float, float, torch.Tenso
     generator = Generator(bundle)
     request = GenerateRequest(PROMPT, layout=LAYOUT, seed=0, steps=4, cfg=1.0, guidance=guidance)
     width, height = generator.image_size(request)
-    prepared = generator.prepare_prompt(request, {}, None)
+    prepared = generator.prepare_prompt(request, PromptSubjects())
     unet, scheduler = bundle.pipe.unet, bundle.pipe.scheduler
     factor = bundle.pipe.vae_scale_factor
     latents = torch.randn(

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from engines.generate import Generator
 from engines.layout import region_owners
+from engines.prompt_subjects import PromptSubjects
 from engines.types import Cancelled, GenerateRequest, GuidanceConfig, Layout, Region, StepProgress
 
 PROMPT = "a photo of dog and cat on the beach"
@@ -106,9 +107,10 @@ def test_residuals_change_only_class_token_positions(sd15):
     generator = Generator(sd15)
     width = sd15.text_encoders[0].config.hidden_size
     delta = torch.arange(width, dtype=torch.float32)[None] / width  # (1, D)
-    plain = generator.prepare_prompt(GenerateRequest("a photo of dog on the beach"), {}, None)
+    plain = generator.prepare_prompt(GenerateRequest("a photo of dog on the beach"), PromptSubjects())
     subject = generator.prepare_prompt(
-        GenerateRequest("a photo of <rex> on the beach"), {"rex": "dog"}, lambda name: {"text_encoder": delta}
+        GenerateRequest("a photo of <rex> on the beach"),
+        PromptSubjects({"rex": "dog"}, {"rex": {"text_encoder": delta}}),
     )
     difference = (subject.embeds["prompt_embeds"] - plain.embeds["prompt_embeds"])[0]  # (T, D)
     changed = difference.abs().sum(-1).nonzero().flatten().tolist()

@@ -250,7 +250,7 @@ def test_cli_register_and_manage_subjects(tmp_path, monkeypatch, capsys):
 
     import engines.register
     from studio.__main__ import main
-    from tests.tiny_models import save_tiny
+    from tests.tiny_models import save_tiny, subject_photos
 
     monkeypatch.setitem(
         engines.register.PRESETS,
@@ -258,8 +258,7 @@ def test_cli_register_and_manage_subjects(tmp_path, monkeypatch, capsys):
         replace(engines.register.PRESETS["quick"], steps=3, reg_pool=16, delta_sentences=32),
     )
     model = save_tiny("sd15", tmp_path / "tiny")
-    photo = tmp_path / "p.png"
-    Image.new("RGB", (80, 64), (200, 30, 30)).save(photo)
+    photo = subject_photos(tmp_path, "p", count=1)[0]  # a photo with a subject in it (a flat one is refused)
     lib = str(tmp_path / "lib")
     args = [
         "register",
@@ -269,7 +268,7 @@ def test_cli_register_and_manage_subjects(tmp_path, monkeypatch, capsys):
         "rex",
         "--class",
         "dog",
-        str(photo),
+        photo,
         "--preset",
         "quick",
         "--library",

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from engines.generate import Generator
 from engines.metadata import read_request, save_png
-from engines.types import GenerateRequest, GuidanceConfig, InputError, Layout, Region
+from engines.types import GenerateRequest, GuidanceConfig, InputError, Layout, ReferenceConfig, Region
 from studio.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,8 @@ def test_png_round_trips_the_request(sd15, tmp_path):
     )
     result = Generator(sd15)(request)
     path = save_png(result.images[0], tmp_path / "out.png")
-    assert read_request(path) == request
+    assert read_request(path) == replace(request, references=ReferenceConfig(enabled=False))  # what was decided
+    assert result.request == read_request(path)
     assert Image.open(path).info["parameters"].startswith("a photo of dog and cat\nNegative prompt: blurry\nSteps: 2")
 
 
