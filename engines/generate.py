@@ -16,9 +16,11 @@ from dataclasses import dataclass, replace
 
 import diffusers
 import torch
+from diffusers import AutoPipelineForImage2Image
 
 from engines import metadata
 from engines.box_fitting import BoxFitter
+from engines.collage import compose_collage
 from engines.image_guidance import ImageGuidance
 from engines.layout import build_maps, guidance_scale_at
 from engines.models import ModelBundle
@@ -73,12 +75,12 @@ class Generator:
             self._references(request, subjects, use_references, (width, height), seeds[0], state),
         ):
             fitter = self._box_fitter(request, prepared.parsed, state)
-            images = self.bundle.pipe(
+            pipe, start = self._start(request, subjects, width, height)
+            images = pipe(
                 **prepared.embeds,
+                **start,
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg,
-                width=width,
-                height=height,
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                 callback_on_step_end=self._step_callback(request, fitter, on_progress, cancel, started),
                 callback_on_step_end_tensor_inputs=self._callback_tensors(fitter),
@@ -92,6 +94,17 @@ class Generator:
             image.info.update(info)
         timings = {"encode": encoded - started, "denoise": denoised - encoded, "total": time.perf_counter() - started}
         return GenerateResult(tuple(images), tuple(seeds), made, tuple(infos), timings, subjects.warnings + warnings)
+
+    def _start(self, request: GenerateRequest, subjects: PromptSubjects, width: int, height: int) -> tuple:
+        """The pipeline and how it starts: from noise, or (MS-CustomNet's layout map, engines/collage.py) from the
+        subjects' cut-outs in their boxes, denoised from `start_strength` of the trajectory by the image-to-image
+        pipeline built on the same components."""
+        if request.references.start == "noise":
+            return self.bundle.pipe, {"width": width, "height": height}
+        collage = compose_collage(request.layout, subjects.photos, width, height)
+        image_to_image = AutoPipelineForImage2Image.from_pipe(self.bundle.pipe)
+        image_to_image.set_progress_bar_config(disable=True)
+        return image_to_image, {"image": collage, "strength": request.references.start_strength}
 
     @staticmethod
     def uses_references(request: GenerateRequest, subjects: PromptSubjects) -> tuple[bool, tuple[str, ...]]:
@@ -238,12 +251,14 @@ class Generator:
         def callback(pipe, step: int, timestep, tensors: dict) -> dict:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
+            every_timestep = pipe.scheduler.timesteps
+            timesteps = every_timestep[len(every_timestep) - pipe.num_timesteps :]  # a collage start skips the first
             if on_progress is not None:
-                done = step + 1
-                show = done % every == 0 or done == request.steps
+                done, total = step + 1, len(timesteps)
+                show = done % every == 0 or done == total
                 preview = latent_preview(self.bundle, tensors["latents"]) if show else None
-                on_progress(StepProgress(done, request.steps, time.perf_counter() - started, preview))
-            upcoming = pipe.scheduler.timesteps[step + 1] if step + 1 < len(pipe.scheduler.timesteps) else None
+                on_progress(StepProgress(done, total, time.perf_counter() - started, preview))
+            upcoming = timesteps[step + 1] if step + 1 < len(timesteps) else None
             if fitter is None or upcoming is None or not fitter.wants(pipe.scheduler, upcoming):
                 return {}
             conditioning = self._fit_conditioning(pipe, tensors)

@@ -133,3 +133,25 @@ def test_a_subject_whose_photos_are_gone_still_generates_from_its_residual_and_s
         (library.folder("bo") / photo.rsplit("/", 1)[-1]).unlink()
     subjects = gather_subjects("a photo of <bo>", library, sd15.family, sd15.fingerprint)
     assert not subjects.photos and "no photos left" in subjects.warnings[0] and "bo" in subjects.residuals
+
+
+def test_the_collage_puts_each_cut_out_in_its_box_and_the_front_layer_on_top():
+    from engines.collage import BACKGROUND, compose_collage
+
+    red, blue = ReferencePhoto("a", "dog", *_square((255, 0, 0))), ReferencePhoto("b", "cat", *_square((0, 0, 255)))
+    layout = Layout((Region("", (0.0, 0.0, 0.6, 1.0), subject="a", layer=1),
+                     Region("", (0.4, 0.0, 1.0, 1.0), subject="b", layer=0)))  # fmt: skip
+    image = np.asarray(compose_collage(layout, [red, blue], 100, 50))
+    assert tuple(image[25, 10]) == (255, 0, 0) and tuple(image[25, 90]) == (0, 0, 255)
+    assert tuple(image[25, 50]) == (255, 0, 0)  # a is in front where the boxes overlap
+    assert tuple(image[25, 2]) == BACKGROUND  # the photo's grass is cut away; the square is centred in a's box
+    with pytest.raises(InputError, match="collage start needs"):
+        compose_collage(Layout((Region("cat", (0.0, 0.0, 1.0, 1.0)),)), [red], 64, 64)
+
+
+def test_a_collage_start_denoises_only_the_tail_of_the_trajectory(studio):
+    seen = []
+    start = ReferenceConfig(start="collage", start_strength=0.5)
+    studio.generate(GenerateRequest(PROMPT, layout=LAYOUT, seed=3, steps=4, references=start),
+                    on_progress=lambda p: seen.append((p.step, p.total)))  # fmt: skip
+    assert seen[-1] == (2, 2)
