@@ -17,6 +17,7 @@ from transformers.utils import logging as transformers_logging
 from engines.types import InputError, ModelSpec
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+DEMO_REFERENCE_ADAPTER = DEMO_MODEL_DIR / "reference_adapter.safetensors"  # made by `studio references train`
 NATIVE_SIZE = {"sd15": 512, "sd2": 512, "sdxl": 1024}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANT_BACKENDS = {
@@ -73,10 +74,24 @@ def load_model(spec: ModelSpec) -> ModelBundle:
     pipe = _load_pipeline(spec, dtype)
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise InputError(f"model '{spec.source}' is a {type(pipe).__name__}; Troupe runs SD 1.5, SD 2.x and SDXL")
+    family = spec.family or detect_family(pipe, spec.source)
+    adapter = reference_adapter_path(spec, family)
+    if adapter is not None:
+        from engines.reference_adapter import load_adapter  # peft: imported only when there is an adapter
+
+        load_adapter(pipe.unet, adapter)
     _place(pipe, spec, device)
     pipe.set_progress_bar_config(disable=True)
-    family = spec.family or detect_family(pipe, spec.source)
     return ModelBundle(pipe, spec, family, device, dtype, text_encoder_fingerprint(pipe))
+
+
+def reference_adapter_path(spec: ModelSpec, family: str) -> Path | None:
+    """The reference adapter to attach: the file asked for, or with "auto" the demo model's own (when shipped)."""
+    if spec.reference_adapter == "none":
+        return None
+    if spec.reference_adapter == "auto":
+        return DEMO_REFERENCE_ADAPTER if family == "demo" and DEMO_REFERENCE_ADAPTER.is_file() else None
+    return Path(spec.reference_adapter)
 
 
 def detect_family(pipe: DiffusionPipeline, source: str) -> str:

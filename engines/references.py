@@ -30,6 +30,12 @@ from kernels.reference_attention import ReferenceState, install_references
 REFERENCE_PROMPT = "a photo of a {cls}"  # SynCD's reference-pass prompt
 FOREGROUND_SHARE = 0.3  # a reference cell is foreground when this much of it is masked in
 DILATION = 1  # cells added around a reference's foreground at every resolution (SynCD dilates its masks)
+ADAPTER_NAME = "reference"  # the peft adapter engines/reference_adapter.py attaches
+
+
+def has_adapter(unet) -> bool:
+    """Whether the UNet carries a reference adapter (peft is not imported here)."""
+    return ADAPTER_NAME in (getattr(unet, "peft_config", None) or {})
 
 
 @dataclass(frozen=True)
@@ -52,15 +58,15 @@ class EncodedReferences:
 def encode_references(bundle, photos: Sequence[ReferencePhoto]) -> EncodedReferences:
     """The photos at the model's native size, through its VAE (the mean; no sampling noise)."""
     side, vae = bundle.native_size, bundle.pipe.vae
-    pixels = torch.stack([_to_tensor(p.photo.convert("RGB").resize((side, side), Image.LANCZOS)) for p in photos])
-    masks = torch.stack([_to_tensor(p.mask.convert("L").resize((side, side), Image.BILINEAR))[0] for p in photos])
+    pixels = torch.stack([image_tensor(p.photo.convert("RGB").resize((side, side), Image.LANCZOS)) for p in photos])
+    masks = torch.stack([image_tensor(p.mask.convert("L").resize((side, side), Image.BILINEAR))[0] for p in photos])
     pixels = pixels * 2 - 1  # (R, 3, S, S) in [-1, 1]
     latents = vae.encode(pixels.to(bundle.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
     prompts = tuple(REFERENCE_PROMPT.format(cls=p.class_word) for p in photos)
     return EncodedReferences(tuple(p.subject for p in photos), latents, masks, prompts)
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
+def image_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image, np.float32) / 255.0
     return torch.from_numpy(array if array.ndim == 3 else array[..., None]).permute(2, 0, 1)  # (C, H, W)
 
@@ -124,6 +130,7 @@ class ReferencePass:
         self.alphas = bundle.pipe.scheduler.alphas_cumprod.cpu()
         self.running, self.last_timestep, self.previous, self.hook = False, None, None, None
         self.passes = 0
+        self.adapter = config.adapter and has_adapter(bundle.pipe.unet)  # on in the target's calls only
 
     def _condition(self) -> dict:
         """The UNet's text conditioning for the reference pass: one prompt per reference, no CFG."""
@@ -143,10 +150,14 @@ class ReferencePass:
         self.previous = install_references(unet, self.state)
         self.hook = unet.register_forward_pre_hook(self._before_target, with_kwargs=True)
         self.state.mode = "read"
+        if self.adapter:
+            unet.enable_adapters()
         return self
 
     def __exit__(self, *exc) -> None:
         self.hook.remove()
+        if self.adapter:
+            self.bundle.pipe.unet.disable_adapters()
         self.bundle.pipe.unet.set_attn_processor(self.previous)
         self.state.mode = "off"
 
@@ -169,6 +180,8 @@ class ReferencePass:
         self.running, self.state.mode = True, "write"
         if self.guidance is not None:
             self.guidance.suspended = True
+        if self.adapter:
+            unet.disable_adapters()  # SynCD: the references pass through the base model
         try:
             unet(noisy.to(unet.dtype), torch.tensor(timestep, device=latents.device), **self.condition)
             self.passes += 1
@@ -176,3 +189,5 @@ class ReferencePass:
             self.running, self.state.mode = False, "read"
             if self.guidance is not None:
                 self.guidance.suspended = False
+            if self.adapter:
+                unet.enable_adapters()

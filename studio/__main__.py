@@ -1,4 +1,4 @@
-"""python -m studio {generate,register,subjects,bench,ui}: one module per command in studio/cli/.
+"""python -m studio {generate,register,subjects,bench,references,ui}: one module per command in studio/cli/.
 
 Each module listed here exposes `add_parsers(subparsers)`; every subparser sets `func(args) -> exit code`.
 Bad input (engines.types.InputError) is one line on stderr and exit code 2, never a traceback.
@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "studio.cli.register",
     "studio.cli.subjects",
     "studio.cli.bench",
+    "studio.cli.references",
     "studio.cli.ui",
 )
 

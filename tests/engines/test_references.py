@@ -90,7 +90,7 @@ def _the_kernel_gives_them_no_weight(allowed: torch.Tensor) -> None:
         target = torch.randn(1, 64, 32)
         first = attn(target)
         half = allowed.shape[1] // 2
-        processor.values[:, :, half:] = 1e6  # the second reference's values, which no left cell may read
+        processor.stored[:, half:] = 5.0  # the second reference's tokens, which no left cell may read
         second = attn(target)
     left = torch.arange(64) % 8 < 4
     assert torch.equal(first[0, left], second[0, left]) and not torch.equal(first[0, ~left], second[0, ~left])
