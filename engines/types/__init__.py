@@ -21,7 +21,7 @@ from engines.types.generation import (
     guidance_mode,
 )
 from engines.types.models import ModelSpec
-from engines.types.references import START_MODES, ReferenceConfig
+from engines.types.references import REFERENCE_SWITCHES, START_MODES, ReferenceConfig, reference_switch
 from engines.types.subjects import (
     FAMILY_LR,
     REGISTER_PRESETS,
@@ -34,6 +34,7 @@ from engines.types.subjects import (
 from engines.types.tables import DEVICES, DTYPES, FAMILIES, LIMITS, OFFLOADS, QUANTIZATIONS, SCHEDULERS, Limits, Sampler
 
 __all__ = [
+    "REFERENCE_SWITCHES",
     "START_MODES",
     "ReferenceConfig",
     "Box",
@@ -68,5 +69,6 @@ __all__ = [
     "check_keys",
     "check_subject_name",
     "guidance_mode",
+    "reference_switch",
     "unknown_subject",
 ]

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from engines.types.checks import finite, require
 
 START_MODES: tuple[str, ...] = ("noise", "collage")
+# The CLI's --references and the UI's radio: "auto" leaves the choice to the engine (on when a subject has photos)
+REFERENCE_SWITCHES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def reference_switch(enabled: bool | None) -> str:
+    """ReferenceConfig.enabled as the CLI and the UI name it (the inverse of REFERENCE_SWITCHES)."""
+    return next(name for name, value in REFERENCE_SWITCHES.items() if value == enabled)
 
 
 @dataclass(frozen=True)

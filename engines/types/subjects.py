@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from engines.types.checks import require
 from engines.types.tables import LIMITS
@@ -34,6 +35,15 @@ class SubjectInfo:
     photo_loss: tuple[float, float] | None = None  # denoising loss on its photos before and after registration (fixed
     # noise and timesteps): one that hardly falls means the preset's learning rate is too low for this model
     has_residual: bool = True  # False: an instant subject, which reaches pictures through its photos alone
+
+    @property
+    def holds(self) -> str:
+        """What the subject carries, as the CLI and the UI say it: one whose photo files were deleted has only its
+        residual (no reference identity); an instant one has only photos (it works with any model)."""
+        if self.has_residual:
+            # the library lists the photos it wrote; the files may since have been deleted by hand
+            return "residual + photos" if any(Path(p).is_file() for p in self.photos) else "residual only"
+        return "photos only"
 
 
 @dataclass(frozen=True)

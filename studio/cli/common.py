@@ -19,12 +19,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="int8/nf4 (bitsandbytes, CUDA); registration needs the text encoder unquantized",
     )
     parser.add_argument("--offload", choices=OFFLOADS, default="none")
+    parser.add_argument(
+        "--reference-adapter",
+        default="auto",
+        metavar="auto|none|FILE.safetensors",
+        help="the LoRA that teaches self-attention to read the subjects' photos (SynCD); auto: the demo model's own",
+    )
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The one place where the model options become a ModelSpec."""
     return ModelSpec(
-        args.model, dtype=args.dtype, quantization=args.quantization, offload=args.offload, device=args.device
+        args.model,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        offload=args.offload,
+        device=args.device,
+        reference_adapter=args.reference_adapter,
     )
 
 

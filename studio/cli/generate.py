@@ -10,10 +10,13 @@ from pathlib import Path
 from engines.types import (
     GUIDANCE_MODES,
     LIMITS,
+    REFERENCE_SWITCHES,
     SCHEDULERS,
+    START_MODES,
     GenerateRequest,
     InputError,
     Layout,
+    ReferenceConfig,
     Region,
 )
 from studio.cli.common import add_library_argument, add_model_arguments, print_progress, studio_for
@@ -54,9 +57,58 @@ def add_parsers(subparsers) -> None:
     parser.add_argument(
         "--fit-boxes", action="store_true", help="draw objects at their boxes' size (box fitting: 2-4x slower)"
     )
+    add_reference_arguments(parser)
     add_library_argument(parser)
     parser.add_argument("--out", default="outputs/troupe.png", help="PNG path; a batch gets -1, -2, ... suffixes")
     parser.set_defaults(func=run)
+
+
+def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Reference identity (SynCD) and the collage start (MS-CustomNet): the fields of ReferenceConfig.
+    Ranges are left to ReferenceConfig, so a bad value gets the same one-line message as in the UI."""
+    defaults = ReferenceConfig()
+    group = parser.add_argument_group("references (the subjects' photos)")
+    group.add_argument(
+        "--references",
+        choices=list(REFERENCE_SWITCHES),
+        default="auto",
+        help="let the picture read the subjects' photos; auto: on whenever a subject in the prompt has photos",
+    )
+    group.add_argument(
+        "--reference-strength",
+        type=float,
+        default=defaults.strength,
+        help="weight of the photos in self-attention, 0..8",
+    )
+    group.add_argument(
+        "--image-guidance",
+        type=float,
+        default=defaults.image_guidance,
+        help="λ_I of SynCD's normalized guidance, 0..30 (0: plain CFG; more costs a third UNet batch)",
+    )
+    group.add_argument(
+        "--image-guidance-growth",
+        type=float,
+        default=defaults.image_guidance_growth,
+        help="λ_I grows by this much from the first step to the last, 0..30",
+    )
+    group.add_argument(
+        "--no-reference-adapter",
+        action="store_true",
+        help="do not use the model's reference adapter even when it has one",
+    )
+    group.add_argument(
+        "--start",
+        choices=list(START_MODES),
+        default=defaults.start,
+        help="collage: start from the subjects' cut-outs placed in their boxes, back to front",
+    )
+    group.add_argument(
+        "--start-strength",
+        type=float,
+        default=defaults.start_strength,
+        help="with --start collage: the share of the steps that are run, in (0, 1]",
+    )
 
 
 def parse_box(text: str, order: int) -> Region:
@@ -98,6 +150,15 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
         height=args.height,
         num_images=args.num_images,
         guidance=guidance,
+        references=ReferenceConfig(
+            enabled=REFERENCE_SWITCHES[args.references],
+            strength=args.reference_strength,
+            adapter=not args.no_reference_adapter,
+            image_guidance=args.image_guidance,
+            image_guidance_growth=args.image_guidance_growth,
+            start=args.start,
+            start_strength=args.start_strength,
+        ),
     )
 
 
@@ -115,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(args.out, request.num_images)
     studio = studio_for(args)
     result = studio.generate(request, on_progress=print_progress)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for image, seed, path in zip(result.images, result.seeds, paths):
         studio.save_png(image, path)
         print(f"{path}  seed {seed}")

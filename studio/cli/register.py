@@ -1,10 +1,12 @@
-"""python -m studio register: a subject from 1–10 photos (Cones 2 residual embedding)."""
+"""python -m studio register: a subject from 1–10 photos (Cones 2 residual embedding; the instant preset trains
+nothing and keeps the photos for reference attention)."""
 
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
+import textwrap
 import threading
 
 from engines.types import LIMITS, REGISTER_PRESETS, RegisterRequest
@@ -14,8 +16,9 @@ from studio.cli.common import add_library_argument, add_model_arguments, print_p
 def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser(
         "register",
-        help=f"register a subject from 1–{LIMITS.photos} photos (Cones 2 residual embedding)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help=f"register a subject from 1–{LIMITS.photos} photos (Cones 2 residual embedding, or instant: photos only)",
+        formatter_class=_Formatter,
+        epilog=presets_epilog(),
         description="Ctrl-C stops between two steps and keeps a checkpoint: the same command again resumes.",
     )
     add_model_arguments(parser)
@@ -26,12 +29,26 @@ def add_parsers(subparsers) -> None:
         "--preset",
         choices=list(REGISTER_PRESETS),
         default="standard",
-        help="; ".join(f"{name}: {preset.steps} steps" for name, preset in REGISTER_PRESETS.items()),
+        help="how the subject is learned (the presets are listed below)",
     )
     parser.add_argument("--no-masks", action="store_true", help="do not weight the loss by the foreground mask")
     parser.add_argument("--seed", type=int, default=0)
     add_library_argument(parser)
     parser.set_defaults(func=run)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option, and the presets' list below them kept one preset a paragraph."""
+
+
+def presets_epilog(width: int = 78) -> str:
+    """Every preset with its `why`, so the help says what each one is for (not only how long it trains)."""
+    lines = ["presets:"]
+    for name, preset in REGISTER_PRESETS.items():
+        steps = f" ({preset.steps} steps)" if preset.steps else ""
+        text = textwrap.fill(preset.why, width, initial_indent=" " * 4, subsequent_indent=" " * 4)
+        lines += [f"  {name}{steps}", text]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
         info = studio.register(request, on_progress=print_progress, cancel=cancel)
     finally:
         signal.signal(signal.SIGINT, previous)
-    print(f"registered <{info.name}> ({info.class_word}, {info.family}, {info.steps} steps)")
+    trained = f"{info.steps} steps" if info.has_residual else "instant: no training"
+    print(f"registered <{info.name}> ({info.class_word}, {info.family}, {trained}; {info.holds})")
     return 0

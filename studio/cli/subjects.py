@@ -60,11 +60,12 @@ def run_list(args: argparse.Namespace) -> int:
                         "fingerprint": info.fingerprint,
                         "created": info.created,
                         "steps": info.steps,
+                        "holds": info.holds,
                     }
                 )
             )
         else:
-            print(f"{info.name:<20} {info.class_word:<16} {info.family:<6} {info.created[:19]}")
+            print(f"{info.name:<20} {info.class_word:<16} {info.family:<6} {info.holds:<17} {info.created[:19]}")
     if not subjects and not args.json:
         print("no subjects registered yet", file=sys.stderr)
     return 0

@@ -2,6 +2,8 @@
 
     page.py      build_ui (the header, the three tabs, what ties them together), serve, make_studio
     compose.py   the Compose tab: relation, canvas, settings of the image, generate, reuse / save / open
+    image_settings.py  the Compose tab's "Settings for this image" card; what a generation costs on ZeroGPU
+    references.py  the Compose tab's "References" card: the subjects' photos, image guidance, collage start
     subjects.py  the Subjects tab: register from photos; rename, export, delete, import, place
     settings.py  the "Model & settings" tab: load a model, machine presets
     forms.py     where widgets become a request: one dataclass per form, named as the API's parameters

@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from engines.types import LIMITS, SCHEDULERS, Cancelled, GenerateRequest, GenerateResult, InputError, SubjectInfo
+from engines.types import Cancelled, GenerateRequest, GenerateResult, InputError, SubjectInfo
 from studio.ui.canvas import (
     add_region,
     canvas_component,
@@ -25,22 +25,15 @@ from studio.ui.canvas import (
     with_suggestions,
 )
 from studio.ui.forms import GenerateForm, form_handler, parse_size, size_choices, with_choice
+from studio.ui.image_settings import generate_seconds, settings_card
 from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu, stream
+from studio.ui.references import references_card, widened
 from studio.ui.views import idle_html, progress_html
-
-STRENGTH_MAX = 0.3  # the slider's range; above it the boxes overpower the prompt (the engine accepts any ≥ 0)
 
 
 def subject_labels(subjects: Iterable[SubjectInfo]) -> list[str]:
     """How subjects are written in prompts and region labels: `<name>`."""
     return [f"<{s.name}>" for s in subjects]
-
-
-def generate_seconds(request: Any, *values: Any) -> float:
-    """ZeroGPU duration of a /generate call, from the same arguments (steps × images; box fitting costs ~3×)."""
-    form = GenerateForm.from_values(values)
-    fitting = 3.0 if form.fit_boxes else 1.0  # box fitting: a forward and backward per early step
-    return min(120.0, 10.0 + 0.6 * float(form.steps or 20) * float(form.images or 1) * fitting)
 
 
 class ComposeTab:
@@ -55,7 +48,8 @@ class ComposeTab:
                 with gr.Column(scale=6, min_width=480):
                     self._relation_card()
                     self._canvas_card(native, subjects)
-                    self._settings_card(native)
+                    settings_card(self.form, native)
+                    references_card(self.form)
                 with gr.Column(scale=5, min_width=380):
                     self._prompt_column()
             self.selected_result = gr.State(None)
@@ -114,46 +108,6 @@ class ComposeTab:
                 self.clear_btn = gr.Button(
                     "Clear", size="sm", scale=0, min_width=70, variant="secondary", elem_id="clear-canvas-btn"
                 )
-
-    def _settings_card(self, native: int) -> None:
-        form, defaults = self.form, GenerateForm()
-        with gr.Accordion("Settings for this image", open=True, elem_classes="tr-card"):
-            with gr.Row():
-                form["seed"] = gr.Number(value=defaults.seed, precision=0, label="Seed", elem_id="seed", minimum=0)
-                form["random_seed"] = gr.Checkbox(
-                    value=defaults.random_seed, label="Random seed", elem_id="random-seed"
-                )
-                form["size"] = gr.Dropdown(
-                    size_choices(native), value=defaults.size, label="Size", elem_id="size", allow_custom_value=True
-                )
-            with gr.Row():
-                form["steps"] = gr.Slider(1, LIMITS.steps, value=defaults.steps, step=1, label="Steps", elem_id="steps")
-                form["cfg"] = gr.Slider(0, LIMITS.cfg, value=defaults.cfg, step=0.5, label="CFG", elem_id="cfg")
-            with gr.Row():
-                form["sampler"] = gr.Dropdown(
-                    [(s.title, key) for key, s in SCHEDULERS.items()],
-                    value=defaults.sampler,
-                    label="Sampler",
-                    elem_id="sampler",
-                )
-                form["images"] = gr.Slider(
-                    1, LIMITS.images, value=defaults.images, step=1, label="Images", elem_id="num-images"
-                )
-                form["layout_strength"] = gr.Slider(
-                    0,
-                    STRENGTH_MAX,
-                    value=defaults.layout_strength,
-                    step=0.01,
-                    label="Layout strength",
-                    elem_id="guidance-strength",
-                    info="0 = regions off",
-                )
-            form["fit_boxes"] = gr.Checkbox(
-                value=defaults.fit_boxes,
-                label="Fit objects to their boxes",
-                elem_id="fit-boxes",
-                info="draws objects at their boxes' size; 2-4x slower",
-            )
 
     def _prompt_column(self) -> None:
         self.form["prompt"] = gr.Textbox(
@@ -374,7 +328,7 @@ class ComposeTab:
         canvas = layout_to_canvas(wanted.layout, width, height, subject_labels(self.sessions.subjects(request)))
         form = GenerateForm.from_request(wanted, canvas, self.relations)
         size = gr.update(choices=with_choice(size_choices(native), form.size), value=form.size)
-        return form.as_outputs(size=size)
+        return form.as_outputs(size=size, **widened(form))
 
     def finished(self, result: GenerateResult, folder: Path) -> tuple[str, list[str]]:
         """The last update of a generation: "Done" with the seeds, and the saved PNGs (settings included)."""
@@ -385,4 +339,7 @@ class ComposeTab:
         ]
         seeds = ", ".join(str(s) for s in result.seeds)
         took = result.timings.get("total", 0.0)
-        return progress_html("Done", extra=f"seed {seeds} · {took:.1f}s", state="done"), paths
+        for warning in result.warnings:  # a toast each, and on the status line, which stays after the toasts go
+            gr.Warning(warning)
+        notes = "".join(f" · ⚠ {w}" for w in result.warnings)
+        return progress_html("Done", extra=f"seed {seeds} · {took:.1f}s{notes}", state="done"), paths

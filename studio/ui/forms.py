@@ -25,12 +25,15 @@ from PIL import Image, UnidentifiedImageError
 
 from engines.types import (
     LIMITS,
+    REFERENCE_SWITCHES,
     REGISTER_PRESETS,
     GenerateRequest,
     GuidanceConfig,
     InputError,
     ModelSpec,
+    ReferenceConfig,
     RegisterRequest,
+    reference_switch,
 )
 from studio.ui.canvas import canvas_to_layout
 
@@ -118,6 +121,15 @@ class GenerateForm(Form):
     images: int = GenerateRequest.num_images
     layout_strength: float = GuidanceConfig.strength
     fit_boxes: bool = False
+    # the References group (studio/ui/references.py): the fields of ReferenceConfig, after the older parameters so
+    # that positional API calls written before them keep working
+    references: str = "auto"  # a key of engines.types.REFERENCE_SWITCHES
+    reference_strength: float = ReferenceConfig.strength
+    image_guidance: float = ReferenceConfig.image_guidance
+    image_guidance_growth: float = ReferenceConfig.image_guidance_growth
+    reference_adapter: bool = ReferenceConfig.adapter
+    start: str = ReferenceConfig.start  # a value of engines.types.START_MODES
+    start_strength: float = ReferenceConfig.start_strength
 
     def to_request(self, class_words: Mapping[str, str]) -> GenerateRequest:
         """The one place where the Compose widgets become a GenerateRequest (checked by its constructor)."""
@@ -136,6 +148,22 @@ class GenerateForm(Form):
             height=height,
             num_images=int(self.images),
             guidance=guidance.fitted() if self.fit_boxes else guidance,
+            references=self.reference_config(),
+        )
+
+    def reference_config(self) -> ReferenceConfig:
+        """The References group as a ReferenceConfig (which checks the ranges: an API call may send anything)."""
+        switch = self.references or "auto"
+        if switch not in REFERENCE_SWITCHES:
+            raise InputError(f"references must be one of {', '.join(REFERENCE_SWITCHES)} (got {switch!r})")
+        return ReferenceConfig(
+            enabled=REFERENCE_SWITCHES[switch],
+            strength=_number(self.reference_strength, ReferenceConfig.strength),
+            adapter=bool(self.reference_adapter),
+            image_guidance=_number(self.image_guidance, ReferenceConfig.image_guidance),
+            image_guidance_growth=_number(self.image_guidance_growth, ReferenceConfig.image_guidance_growth),
+            start=self.start or ReferenceConfig.start,
+            start_strength=_number(self.start_strength, ReferenceConfig.start_strength),
         )
 
     @classmethod
@@ -156,7 +184,19 @@ class GenerateForm(Form):
             images=request.num_images,
             layout_strength=request.guidance.strength,
             fit_boxes=request.guidance.fit_iterations > 0,
+            references=reference_switch(request.references.enabled),
+            reference_strength=request.references.strength,
+            image_guidance=request.references.image_guidance,
+            image_guidance_growth=request.references.image_guidance_growth,
+            reference_adapter=request.references.adapter,
+            start=request.references.start,
+            start_strength=request.references.start_strength,
         )
+
+
+def _number(value: Any, default: float) -> float:
+    """A slider's value; None (a keyword API call that left it out and has no widget default) takes the default."""
+    return default if value is None else float(value)
 
 
 def size_choices(native: int) -> list[tuple[str, str]]:

@@ -37,6 +37,7 @@ CLASS_WORDS = (
     "ring",
 )  # suggestions only; the last five are the demo world's objects
 PICK_ONE = "Select a subject to rename, export or delete it."
+PRESET_LABELS = {"instant": "Instant (no training)"}  # the other presets are shown by their names
 # Given an event's `.then` or `.success`, chains "refresh every subject picker" after an event that changed the library
 LibraryChanged = Callable[[Callable[..., Any]], Any]
 
@@ -116,11 +117,12 @@ class SubjectsTab:
                 info="what it is: dog, mug, toy…",
             )
         self.form["preset"] = gr.Radio(
-            list(REGISTER_PRESETS),
+            [(PRESET_LABELS.get(name, name), name) for name in REGISTER_PRESETS],
             value=RegisterForm.preset,
             label="Preset",
             elem_id="reg-preset",
-            info="quick: a first look · standard: default · thorough: hard subjects",
+            info="instant: no training, the photos do the work · quick: a first look · standard: default · "
+            "thorough: hard subjects",
         )
         with gr.Row():
             self.register_btn = gr.Button("Register", variant="primary", elem_id="register-btn", scale=3)
@@ -188,8 +190,9 @@ class SubjectsTab:
                 if kind == "progress":
                     yield progress_html(title, item), gr.skip()
                 else:
+                    trained = f"{item.steps} steps" if item.has_residual else "instant"
                     yield (
-                        progress_html(f"<{item.name}> is ready", extra=f"{item.steps} steps", state="done"),
+                        progress_html(f"<{item.name}> is ready", extra=f"{trained} · {item.holds}", state="done"),
                         subject_cards(studio.subjects()),
                     )
         except Cancelled:

@@ -43,12 +43,13 @@ def idle_html(text: str) -> str:
 
 
 def subject_cards(subjects: Iterable[SubjectInfo]) -> list[tuple[Any, str]]:
-    """Gallery items: the subject's thumbnail (or a coloured initial) captioned `<name> · class · family`."""
+    """Gallery items: the subject's thumbnail (or a coloured initial) captioned `<name> · class · family · what it
+    holds` (residual + photos, photos only or residual only)."""
     cards = []
     for subject in subjects:
         has_thumbnail = subject.thumbnail and Path(subject.thumbnail).is_file()
         image: Any = subject.thumbnail if has_thumbnail else _placeholder(subject)
-        cards.append((image, f"<{subject.name}> · {subject.class_word} · {subject.family}"))
+        cards.append((image, f"<{subject.name}> · {subject.class_word} · {subject.family} · {subject.holds}"))
     return cards
 
 
@@ -65,9 +66,10 @@ def subject_markdown(subject: SubjectInfo) -> str:
     curve = f" · final loss {subject.loss_curve[-1]:.4f}" if subject.loss_curve else ""
     if subject.photo_loss:
         curve += f" · loss on its photos {subject.photo_loss[0]:.4f} → {subject.photo_loss[1]:.4f}"
+    trained = f"{subject.steps} steps" if subject.has_residual else "instant (no training; works with any model)"
     return (
-        f"**`<{subject.name}>`** — a {subject.class_word} · model family `{subject.family}` · "
-        f"{subject.steps} steps{curve} · registered {subject.created[:16].replace('T', ' ')}"
+        f"**`<{subject.name}>`** — a {subject.class_word} · {subject.holds} · model family `{subject.family}` · "
+        f"{trained}{curve} · registered {subject.created[:16].replace('T', ' ')}"
     )
 
 

@@ -210,3 +210,49 @@ def test_settings_machine_preset_fills_the_fields(page):
     sync_api.expect(page.locator("#quantization input")).to_have_value("nf4")
     sync_api.expect(page.locator("#offload input")).to_have_value("model")
     page.screenshot(path=str(ARTIFACTS / "studio-settings.png"), full_page=True)
+
+
+def test_an_instant_subject_from_one_demo_world_photo_is_generated_in_its_box(page, tmp_path):
+    """Instant registration (no training) from one photo of the demo world, then that subject placed in a box on
+    the canvas with references switched on: an image comes back, and its PNG says the photos were read."""
+    from demo_world.scenes import ObjectSpec
+    from demo_world.scenes import subject_photos as demo_photos
+
+    expect = sync_api.expect
+    photo = tmp_path / "pip.png"
+    Image.fromarray(demo_photos(ObjectSpec("ball", "red", "striped", "yellow"), 1, seed=2)[0].image).save(photo)
+    page.reload()  # a clean Compose tab; the library (rex, milo) stays
+    page.wait_for_selector("#canvas .tc-stage")
+
+    page.get_by_role("tab", name="Subjects").click()
+    page.locator("#subject-photos input[type=file]").set_input_files(str(photo))
+    expect(page.locator("#subject-photos")).to_contain_text(re.compile(r"pip\s*\.png"))
+    page.locator("#subject-name input, #subject-name textarea").first.fill("pip")
+    _pick(page, "subject-class", "ball", custom=True)
+    page.get_by_role("radio", name="Instant (no training)").check()
+    page.locator("#register-btn").click()
+    expect(page.locator("#register-status")).to_contain_text("is ready", timeout=60_000)
+    expect(page.locator("#register-status")).to_contain_text("photos only")
+    expect(page.locator("#subject-gallery")).to_contain_text("<pip> · ball · sd15 · photos only")
+    page.screenshot(path=str(ARTIFACTS / "studio-instant-register.png"), full_page=True)
+
+    page.get_by_role("tab", name="Compose").click()
+    page.locator("#prompt textarea").fill("a photo of <pip> on grass")
+    _drag(page, page.locator("#canvas .tc-stage"), (0.15, 0.2), (0.7, 0.85))
+    page.keyboard.type("<pip>")
+    page.keyboard.press("Enter")
+    expect(page.locator("#canvas .tc-box")).to_have_count(1)
+    page.locator("#references").get_by_text("References (the subjects' photos)").first.click()
+    page.locator("#references-switch").get_by_text("On", exact=True).click()
+    page.locator("#steps input[type=number]").fill("3")
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#generate-btn").click()
+    expect(page.locator("#gen-status")).to_contain_text("Done", timeout=60_000)
+    image = page.locator("#result-gallery img").first
+    expect(image).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "studio-instant-subject.png"), full_page=True)
+    (tmp_path / "pip-result.png").write_bytes(page.request.get(image.get_attribute("src")).body())
+    with Image.open(tmp_path / "pip-result.png") as result:
+        request = json.loads(result.text["troupe"])["request"]
+    assert [r["subject"] for r in request["layout"]["regions"]] == ["pip"]
+    assert request["references"]["enabled"] is True  # the photos were read, inside the box

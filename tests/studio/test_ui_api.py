@@ -95,8 +95,8 @@ def test_fitting_objects_to_their_boxes_is_recorded_and_reused(client):
     assert "Done" in status
     request = _troupe_request(gallery[0]["image"])
     assert request["guidance"]["fit_iterations"] > 0
-    widgets = client.predict(handle_file(gallery[0]["image"]), api_name="/open_png")
-    assert widgets[-1] is True  # the checkbox comes back on
+    widgets = _widgets(client.predict(handle_file(gallery[0]["image"]), api_name="/open_png"))
+    assert widgets["fit_boxes"] is True  # the checkbox comes back on
 
 
 def test_register_a_subject_then_generate_with_it(client, photos, studio_app):
@@ -162,6 +162,13 @@ def test_generate_by_keyword_with_named_parameters(client):
         "images",
         "layout_strength",
         "fit_boxes",
+        "references",
+        "reference_strength",
+        "image_guidance",
+        "image_guidance_growth",
+        "reference_adapter",
+        "start",
+        "start_strength",
     ]
     canvas = json.loads(two_regions())
     canvas["regions"][0]["layer"], canvas["regions"][1]["layer"] = 1, 0  # the red ball in front
@@ -439,3 +446,74 @@ def test_switching_models_keeps_the_old_one_on_failure(client, studio_app, tiny_
         str(tiny_sd15_dir), "cpu", "fp32", "none", "none", api_name="/load_model"
     )
     assert "Loaded" in status and "sd15" in info and studio.model_spec.device == "cpu"
+
+
+# ------------------------------------------------------------------------------------------- references
+def _widgets(values) -> dict:
+    """/open_png's outputs by GenerateForm's field names (a widened slider comes back as its value)."""
+    from studio.ui.forms import GenerateForm
+
+    values = [v["value"] if isinstance(v, dict) and "value" in v else v for v in values]
+    return dict(zip(GenerateForm.names(), values))
+
+
+def test_an_instant_subject_with_the_reference_widgets_and_reuse_restores_them(client, studio_app, photos):
+    status, cards = client.predict([handle_file(photos[0])], "pip", "ball", "instant", api_name="/register")
+    assert "ready" in status and "photos only" in status
+    assert any("<pip>" in (card.get("caption") or "") and "photos only" in card["caption"] for card in cards)
+    canvas = json.dumps({"width": 64, "height": 64, "regions": [{"label": "<pip>", "box": [0.1, 0.2, 0.6, 0.9]}]})
+    chosen = dict(references="on", reference_strength=2.5, image_guidance=1.5, image_guidance_growth=0.5,
+                  reference_adapter=False, start="collage", start_strength=0.6)  # fmt: skip
+    status, gallery = client.predict(
+        prompt="a photo of <pip> on grass", canvas=canvas, seed=4, random_seed=False, steps=3, **chosen,
+        api_name="/generate",
+    )  # fmt: skip
+    assert "Done" in status and len(gallery) == 1
+    references = _troupe_request(gallery[0]["image"])["references"]
+    assert references == {"enabled": True, "strength": 2.5, "adapter": False, "image_guidance": 1.5,
+                          "image_guidance_growth": 0.5, "start": "collage", "start_strength": 0.6}  # fmt: skip
+    restored = _widgets(client.predict(handle_file(gallery[0]["image"]), api_name="/open_png"))
+    assert {name: restored[name] for name in chosen} == chosen
+
+
+def test_reuse_keeps_a_reference_strength_beyond_the_slider(client, studio_app, tmp_path):
+    from engines.types import GenerateRequest, ReferenceConfig
+
+    studio = studio_app[0]
+    wanted = GenerateRequest("a red ball", steps=1, seed=1, references=ReferenceConfig(enabled=False, strength=6.0))
+    path = studio.save_png(studio.generate(wanted).images[0], tmp_path / "strong.png")
+    restored = _widgets(client.predict(handle_file(str(path)), api_name="/open_png"))
+    assert (restored["references"], restored["reference_strength"]) == ("off", 6.0)
+
+
+def test_the_results_warnings_reach_the_status_line(client, studio_app, photos):
+    client.predict([handle_file(photos[0])], "bo", "ball", "quick", api_name="/register")
+    studio = studio_app[0]
+    for photo in next(s for s in studio.subjects() if s.name == "bo").photos:
+        Path(photo).unlink()
+    status, gallery = client.predict(
+        prompt="a photo of <bo>", canvas=json.dumps({"width": 64, "height": 64, "regions": []}), references="on",
+        steps=1, api_name="/generate",
+    )  # fmt: skip
+    assert len(gallery) == 1 and "no photos left" in status and "no subject in the prompt has photos" in status
+
+
+def test_bad_reference_values_from_the_api_are_one_readable_message(client):
+    with pytest.raises(AppError, match="maybe"):
+        client.predict(prompt="a red ball", canvas=two_regions(), references="maybe", api_name="/generate")
+    with pytest.raises(AppError, match="spiral"):
+        client.predict(prompt="a red ball", canvas=two_regions(), start="spiral", api_name="/generate")
+
+
+def test_references_raise_the_zerogpu_duration_only_when_they_run():
+    from studio.ui.forms import GenerateForm
+    from studio.ui.image_settings import generate_seconds
+
+    def seconds(**fields) -> float:
+        return generate_seconds(None, *GenerateForm(steps=30, **fields).as_outputs())
+
+    plain = seconds(prompt="a red ball")
+    assert seconds(prompt="a red ball", references="auto") == plain  # no <subject>: auto stays off
+    assert seconds(prompt="<rex> on grass") > plain
+    assert seconds(prompt="<rex> on grass", image_guidance=2.0) > seconds(prompt="<rex> on grass")
+    assert seconds(prompt="<rex> on grass", references="off") == plain

@@ -1,0 +1,63 @@
+"""The Compose tab's "Settings for this image" card, and what a generation with the whole form costs a ZeroGPU
+call. The References card beside it is studio/ui/references.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from engines.types import LIMITS, SCHEDULERS
+from studio.ui.forms import GenerateForm, size_choices
+from studio.ui.references import reference_cost
+
+STRENGTH_MAX = 0.3  # the slider's range; above it the boxes overpower the prompt (the engine accepts any ≥ 0)
+
+
+def generate_seconds(request: Any, *values: Any) -> float:
+    """ZeroGPU duration of a /generate call, from the same arguments (steps × images; box fitting costs ~3×,
+    references up to ~3× more)."""
+    form = GenerateForm.from_values(values)
+    fitting = 3.0 if form.fit_boxes else 1.0  # box fitting: a forward and backward per early step
+    work = float(form.steps or 20) * float(form.images or 1) * fitting * reference_cost(form)
+    return min(120.0, 10.0 + 0.6 * work)
+
+
+def settings_card(form: dict[str, Any], native: int) -> None:
+    """Add the card's widgets to `form` (the tab's widgets keyed by GenerateForm's field names)."""
+    defaults = GenerateForm()
+    with gr.Accordion("Settings for this image", open=True, elem_classes="tr-card"):
+        with gr.Row():
+            form["seed"] = gr.Number(value=defaults.seed, precision=0, label="Seed", elem_id="seed", minimum=0)
+            form["random_seed"] = gr.Checkbox(value=defaults.random_seed, label="Random seed", elem_id="random-seed")
+            form["size"] = gr.Dropdown(
+                size_choices(native), value=defaults.size, label="Size", elem_id="size", allow_custom_value=True
+            )
+        with gr.Row():
+            form["steps"] = gr.Slider(1, LIMITS.steps, value=defaults.steps, step=1, label="Steps", elem_id="steps")
+            form["cfg"] = gr.Slider(0, LIMITS.cfg, value=defaults.cfg, step=0.5, label="CFG", elem_id="cfg")
+        with gr.Row():
+            form["sampler"] = gr.Dropdown(
+                [(s.title, key) for key, s in SCHEDULERS.items()],
+                value=defaults.sampler,
+                label="Sampler",
+                elem_id="sampler",
+            )
+            form["images"] = gr.Slider(
+                1, LIMITS.images, value=defaults.images, step=1, label="Images", elem_id="num-images"
+            )
+            form["layout_strength"] = gr.Slider(
+                0,
+                STRENGTH_MAX,
+                value=defaults.layout_strength,
+                step=0.01,
+                label="Layout strength",
+                elem_id="guidance-strength",
+                info="0 = regions off",
+            )
+        form["fit_boxes"] = gr.Checkbox(
+            value=defaults.fit_boxes,
+            label="Fit objects to their boxes",
+            elem_id="fit-boxes",
+            info="draws objects at their boxes' size; 2-4x slower",
+        )
