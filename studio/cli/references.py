@@ -29,7 +29,9 @@ def add_parsers(subparsers) -> None:
     dataset.add_argument("--views", type=int, default=3, help="images per object")
     dataset.add_argument("--seed", type=int, default=0)
     recipe = dataset.add_argument_group("SD models (SynCD's recipe)")
-    recipe.add_argument("--classes", default=None, help="a file of class words, one a line (default: a built-in list)")
+    recipe.add_argument(
+        "--classes", default=None, help="a file of class words, one a line (without it: a built-in list of 40)"
+    )
     recipe.add_argument("--steps", type=int, default=50, help="denoising steps per object")
     recipe.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     recipe.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native)")
