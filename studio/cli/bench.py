@@ -9,7 +9,9 @@ from pathlib import Path
 
 from engines.types import GUIDANCE_ALIASES, GUIDANCE_MODES
 from studio.cli.common import add_model_arguments, print_progress, studio_for
+from studio.cli.generate import add_reference_arguments, reference_config
 
+PARTS = ("layout", "subjects", "references")
 COLUMNS = (
     ("layout_iou", "layout IoU"),
     ("presence", "presence"),
@@ -32,8 +34,12 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument(
-        "--no-subjects", action="store_true", help="skip the subject identity part (it registers 1-2 subjects first)"
+        "--parts",
+        default=",".join(PARTS),
+        help="comma-separated parts to run: layout (guidance modes), subjects (a trained residual's identity), "
+        "references (identity from photos: residual, references, adapter; 1 and 3 photos; 1 and 3 subjects)",
     )
+    parser.add_argument("--no-subjects", action="store_true", help="skip the subjects and references parts")
     parser.add_argument(
         "--held-out",
         action="store_true",
@@ -56,6 +62,7 @@ def add_parsers(subparsers) -> None:
         "the older names none and cones2-public still work)",
     )
     parser.add_argument("--json", default=None, help="also write the full report here")
+    add_reference_arguments(parser, switches=False)
     parser.set_defaults(func=run)
 
 
@@ -92,6 +99,33 @@ def subjects_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def references_table(report: dict) -> str:
+    lines = [
+        "| subjects reach the picture by | photos | subjects per image | compositions | identity | confusion "
+        "| subject IoU | presence | s/image | UNet calls/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, by_photos in report["rows"].items():
+        for photos, by_kind in by_photos.items():
+            for kind, m in by_kind.items():
+                lines.append(
+                    f"| {report['modes'][mode]} | {photos.split()[0]} | {kind.split()[0]} | {m['compositions']} "
+                    f"| {m['identity']:.2f} | {m['confusion']:.2f} | {m['subject_iou']:.2f} | {m['presence']:.2f} "
+                    f"| {m['seconds_per_image']:.2f} | {m['unet_calls_per_step']:.1f} |"
+                )
+    return "\n".join(lines)
+
+
+def bench_parts(args: argparse.Namespace) -> tuple[str, ...]:
+    from engines.types import InputError
+
+    parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise InputError(f"unknown bench part {', '.join(unknown) or '(none)'} (choose from {', '.join(PARTS)})")
+    return tuple(p for p in parts if p == "layout" or not args.no_subjects)
+
+
 def bench_options(args: argparse.Namespace):
     """The one place where the bench options become evals.layout_bench.BenchOptions."""
     from evals.common import BenchOptions
@@ -110,26 +144,34 @@ def bench_options(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.layout_bench import run_bench
-    from evals.subject_bench import run_subject_bench
-
-    options, studio = bench_options(args), studio_for(args)
+    options, parts, studio = bench_options(args), bench_parts(args), studio_for(args)
     progress = partial(print_progress, unit="image")
-    report = run_bench(studio, options, on_progress=progress)
-    if options.subjects:
-        report["subjects"] = run_subject_bench(studio, options, on_progress=progress)
-    print(
-        f"model {report['model']} ({report['family']}), {report['cases']} layouts ({report['layouts']}), "
-        f"{report['steps']} steps, CFG {report['cfg']}"
-    )
-    print(markdown_table(report))
-    if "subjects" in report:
-        subjects = report["subjects"]
+    report = {}
+    if "layout" in parts:
+        from evals.layout_bench import run_bench
+
+        report = run_bench(studio, options, on_progress=progress)
+        print(
+            f"model {report['model']} ({report['family']}), {report['cases']} layouts ({report['layouts']}), "
+            f"{report['steps']} steps, CFG {report['cfg']}"
+        )
+        print(markdown_table(report))
+    if "subjects" in parts:
+        from evals.subject_bench import run_subject_bench
+
+        subjects = report["subjects"] = run_subject_bench(studio, options, on_progress=progress)
         print(
             f"\nsubjects {', '.join(subjects['subjects'])}: registered from {subjects['photos']} photos each "
             f"({subjects['preset']} preset, {subjects['registration_seconds']:.0f} s each), Troupe guidance"
         )
         print(subjects_table(subjects))
+    if "references" in parts:
+        from evals.reference_bench import run_reference_bench
+
+        references = report["references"] = run_reference_bench(studio, options, reference_config(args), progress)
+        adapter = "with" if references["adapter"] else "NO adapter loaded:"
+        print(f"\nreferences ({adapter} reference adapter; {references['settings']}), {options.steps} steps")
+        print(references_table(references))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

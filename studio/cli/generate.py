@@ -63,17 +63,24 @@ def add_parsers(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
-    """Reference identity (SynCD) and the collage start (MS-CustomNet): the fields of ReferenceConfig.
+def add_reference_arguments(parser: argparse.ArgumentParser, switches: bool = True) -> None:
+    """Reference identity (SynCD) and the collage start (MS-CustomNet): the fields of ReferenceConfig (without
+    `switches`, the on/off and adapter choices are left to the caller, as the bench's modes set them).
     Ranges are left to ReferenceConfig, so a bad value gets the same one-line message as in the UI."""
     defaults = ReferenceConfig()
     group = parser.add_argument_group("references (the subjects' photos)")
-    group.add_argument(
-        "--references",
-        choices=list(REFERENCE_SWITCHES),
-        default="auto",
-        help="let the picture read the subjects' photos; auto: on whenever a subject in the prompt has photos",
-    )
+    if switches:
+        group.add_argument(
+            "--references",
+            choices=list(REFERENCE_SWITCHES),
+            default="auto",
+            help="let the picture read the subjects' photos; auto: on whenever a subject in the prompt has photos",
+        )
+        group.add_argument(
+            "--no-reference-adapter",
+            action="store_true",
+            help="do not use the model's reference adapter even when it has one",
+        )
     group.add_argument(
         "--reference-strength",
         type=float,
@@ -91,11 +98,6 @@ def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults.image_guidance_growth,
         help="λ_I grows by this much from the first step to the last, 0..30",
-    )
-    group.add_argument(
-        "--no-reference-adapter",
-        action="store_true",
-        help="do not use the model's reference adapter even when it has one",
     )
     group.add_argument(
         "--start",
@@ -150,15 +152,20 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
         height=args.height,
         num_images=args.num_images,
         guidance=guidance,
-        references=ReferenceConfig(
-            enabled=REFERENCE_SWITCHES[args.references],
-            strength=args.reference_strength,
-            adapter=not args.no_reference_adapter,
-            image_guidance=args.image_guidance,
-            image_guidance_growth=args.image_guidance_growth,
-            start=args.start,
-            start_strength=args.start_strength,
-        ),
+        references=reference_config(args),
+    )
+
+
+def reference_config(args: argparse.Namespace) -> ReferenceConfig:
+    """The flags of add_reference_arguments as a ReferenceConfig (the switches, when there are any)."""
+    return ReferenceConfig(
+        enabled=REFERENCE_SWITCHES[getattr(args, "references", "auto")],
+        strength=args.reference_strength,
+        adapter=not getattr(args, "no_reference_adapter", False),
+        image_guidance=args.image_guidance,
+        image_guidance_growth=args.image_guidance_growth,
+        start=args.start,
+        start_strength=args.start_strength,
     )
 
 
