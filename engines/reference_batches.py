@@ -18,6 +18,7 @@ from engines.layout import attention_resolutions, box_coverage
 from engines.reference_dataset import ReferenceDataset
 from engines.references import REFERENCE_PROMPT, image_tensor, reference_cells
 from engines.types import InputError
+from kernels.reference_attention import ReferenceState
 
 BOX_MARGIN = 0.05  # of the image side, around the mask's bounding box
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
@@ -125,8 +126,6 @@ class ReferenceBatches:
     def validation_losses(self, unet, state, size: int = 32) -> dict:
         """The held-out objects' denoising loss at fixed t and noise: without references, with references through
         the base model, and with the adapter. Lower is better; the gaps are what the references and adapter add."""
-        from engines.reference_training import reference_pass, target_pass
-
         if not self.validation:
             return {}
         unet.eval()
@@ -142,6 +141,28 @@ class ReferenceBatches:
             for name, prediction in zip(totals, (plain, base, adapted)):
                 totals[name] += float(F.mse_loss(prediction, batch.target)) / len(VALIDATION_TIMESTEPS)
         return {name: round(value, 5) for name, value in totals.items()}
+
+
+@torch.no_grad()
+def reference_pass(unet, state: ReferenceState, batch) -> None:
+    state.grouped, state.mode = batch.references_per_target, "write"
+    unet.disable_adapters()
+    unet(batch.noisy_references, batch.reference_timesteps, encoder_hidden_states=batch.reference_text)
+
+
+def target_pass(unet, state: ReferenceState, batch, adapter: bool = True) -> torch.Tensor:
+    """The targets' prediction, reading the references the last reference pass stored. The adapter stays as set
+    here until the next pass: peft's switch also sets requires_grad, and a LoRA switched off before backward()
+    gets no gradient."""
+    state.masks, state.device_bias, state.rows, state.mode = batch.masks, {}, batch.noisy.shape[0], "read"
+    if adapter:
+        unet.enable_adapters()
+    else:
+        unet.disable_adapters()
+    try:
+        return unet(batch.noisy, batch.timesteps, encoder_hidden_states=batch.text).sample
+    finally:
+        state.mode = "off"
 
 
 def _box(mask: torch.Tensor) -> tuple[float, float, float, float]:

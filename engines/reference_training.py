@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.reference_adapter import ADAPTER_NAME, AdapterSettings, add_adapter, save_adapter
-from engines.reference_batches import ReferenceBatches
+from engines.reference_batches import ReferenceBatches, reference_pass, target_pass
 from engines.reference_dataset import ReferenceDataset
 from engines.types import Cancelled, StepProgress
 from kernels.reference_attention import ReferenceState, install_references
@@ -107,28 +107,6 @@ def _train_step(unet, state: ReferenceState, batch, optimiser, trainable) -> flo
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     optimiser.step()
     return loss.item()
-
-
-@torch.no_grad()
-def reference_pass(unet, state: ReferenceState, batch) -> None:
-    state.grouped, state.mode = batch.references_per_target, "write"
-    unet.disable_adapters()
-    unet(batch.noisy_references, batch.reference_timesteps, encoder_hidden_states=batch.reference_text)
-
-
-def target_pass(unet, state: ReferenceState, batch, adapter: bool = True) -> torch.Tensor:
-    """The targets' prediction, reading the references the last reference pass stored. The adapter stays as set
-    here until the next pass: peft's switch also sets requires_grad, and a LoRA switched off before backward()
-    gets no gradient."""
-    state.masks, state.device_bias, state.rows, state.mode = batch.masks, {}, batch.noisy.shape[0], "read"
-    if adapter:
-        unet.enable_adapters()
-    else:
-        unet.disable_adapters()
-    try:
-        return unet(batch.noisy, batch.timesteps, encoder_hidden_states=batch.text).sample
-    finally:
-        state.mode = "off"
 
 
 def _state_path(out: Path) -> Path:

@@ -167,19 +167,20 @@ class UNetCalls:
 
 def run_reference_bench(studio: Studio, options: BenchOptions, base: ReferenceConfig | None = None,
                         on_progress: Callable[[StepProgress], None] | None = None,
-                        modes: tuple[str, ...] = tuple(MODES)) -> dict:  # fmt: skip
+                        modes: tuple[str, ...] = tuple(MODES),
+                        photo_counts: tuple[int, ...] = PHOTO_COUNTS) -> dict:  # fmt: skip
     """Every mode × photo count × composition kind on the same scenes; a JSON-able report."""
     base, per_kind = base or ReferenceConfig(), 2 if options.quick else 12
     kinds = {
         "1 subject": single_scenes(per_kind // 2, options.seed),
         "3 subjects": trio_scenes(per_kind, options.seed),
     }
-    counter = ImageCounter(len(modes) * len(PHOTO_COUNTS) * sum(map(len, kinds.values())), on_progress)
+    counter = ImageCounter(len(modes) * len(photo_counts) * sum(map(len, kinds.values())), on_progress)
     rows: dict[str, dict] = {}
     calls = UNetCalls(studio.bundle.pipe.unet)
     try:
         with tempfile.TemporaryDirectory(prefix="troupe-refbench-") as folder:
-            for photos in PHOTO_COUNTS:
+            for photos in photo_counts:
                 for preset in dict.fromkeys(MODES[m].preset for m in modes):
                     view, seconds = _registered(studio, Path(folder) / f"{preset}-{photos}", preset, photos)
                     for mode in (m for m in modes if MODES[m].preset == preset):

@@ -14,7 +14,8 @@ import itertools
 
 from engines.service import Studio
 from engines.types import GuidanceConfig, ModelSpec
-from evals.common import BenchOptions, bench_cases, score_guidance, summarise
+from evals.common import BenchOptions
+from evals.layout_bench import bench_cases, score_guidance, summarise
 
 
 def floats(text: str) -> list[float]:

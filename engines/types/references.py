@@ -24,7 +24,8 @@ class ReferenceConfig:
     with a layout, each region reads only its own subject's photos, and the front layer owns overlaps."""
 
     enabled: bool | None = None  # None: on whenever a subject the prompt names has photos; results record which
-    strength: float = 1.0  # attention on the reference tokens is multiplied by this (1: as the model weighs them)
+    strength: float = 2.0  # attention on the reference tokens is multiplied by this (1: as the model weighs them);
+    # 2 beat 1 on the bench and on held-out scenes, with and without the adapter (docs/references.md)
     adapter: bool = True  # use the model's reference adapter when it has one (SynCD's trained LoRA)
     image_guidance: float = 0.0  # λ_I of SynCD Eq. 4; 0: plain CFG, where only the conditional branch sees photos
     image_guidance_growth: float = 0.0  # λ_I grows by this much from t = T to t = 0 (SynCD's adaptive schedule)
