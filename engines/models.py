@@ -39,6 +39,7 @@ class ModelBundle:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str
+    pending_adapter: Path | None = None  # the demo model's reference adapter, attached on first use (see below)
 
     @property
     def is_xl(self) -> bool:
@@ -76,13 +77,16 @@ def load_model(spec: ModelSpec) -> ModelBundle:
         raise InputError(f"model '{spec.source}' is a {type(pipe).__name__}; Troupe runs SD 1.5, SD 2.x and SDXL")
     family = spec.family or detect_family(pipe, spec.source)
     adapter = reference_adapter_path(spec, family)
-    if adapter is not None:
+    if adapter is not None and spec.reference_adapter != "auto":
         from engines.reference_adapter import load_adapter  # peft: imported only when there is an adapter
 
-        load_adapter(pipe.unet, adapter)
+        load_adapter(pipe.unet, adapter)  # a file the person named: its errors now, not at the first picture
     _place(pipe, spec, device)
     pipe.set_progress_bar_config(disable=True)
-    return ModelBundle(pipe, spec, family, device, dtype, text_encoder_fingerprint(pipe))
+    # The demo model's own adapter waits for the first request that reads photos (engines/references.py): building
+    # peft's LoRA layers is start-up work that most runs of `studio generate` would do for nothing.
+    pending = adapter if spec.reference_adapter == "auto" else None
+    return ModelBundle(pipe, spec, family, device, dtype, text_encoder_fingerprint(pipe), pending)
 
 
 def reference_adapter_path(spec: ModelSpec, family: str) -> Path | None:

@@ -38,6 +38,16 @@ def has_adapter(unet) -> bool:
     return ADAPTER_NAME in (getattr(unet, "peft_config", None) or {})
 
 
+def attach_pending_adapter(bundle) -> bool:
+    """Attach the adapter the model left for its first use (engines/models.py); whether the UNet has one."""
+    unet = bundle.pipe.unet
+    if bundle.pending_adapter is not None and not has_adapter(unet):
+        from engines.reference_adapter import load_adapter
+
+        load_adapter(unet, bundle.pending_adapter)
+    return has_adapter(unet)
+
+
 @dataclass(frozen=True)
 class ReferencePhoto:
     subject: str
@@ -130,7 +140,7 @@ class ReferencePass:
         self.alphas = bundle.pipe.scheduler.alphas_cumprod.cpu()
         self.running, self.last_timestep, self.previous, self.hook = False, None, None, None
         self.passes = 0
-        self.adapter = config.adapter and has_adapter(bundle.pipe.unet)  # on in the target's calls only
+        self.adapter = config.adapter and attach_pending_adapter(bundle)  # on in the target's calls only
 
     def _condition(self) -> dict:
         """The UNet's text conditioning for the reference pass: one prompt per reference, no CFG."""

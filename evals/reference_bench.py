@@ -26,7 +26,7 @@ from PIL import Image
 
 from demo_world.detector import box_iou, detect
 from demo_world.scenes import BACKGROUNDS, ObjectSpec, subject_photos
-from engines.references import has_adapter
+from engines.references import attach_pending_adapter
 from engines.service import Studio
 from engines.types import GenerateRequest, Layout, ReferenceConfig, Region, RegisterRequest, StepProgress
 from evals.common import BenchOptions, ImageCounter
@@ -194,7 +194,7 @@ def run_reference_bench(studio: Studio, options: BenchOptions, base: ReferenceCo
         calls.close()
     return {
         "subjects": [n for n, _ in SUBJECTS],
-        "adapter": has_adapter(studio.bundle.pipe.unet),
+        "adapter": attach_pending_adapter(studio.bundle),
         "settings": {k: v for k, v in base.__dict__.items() if k not in ("enabled", "adapter")},
         "modes": {mode: MODES[mode].title for mode in modes},
         "rows": rows,

@@ -161,3 +161,15 @@ def _lora_b(path) -> dict:
     from safetensors.torch import load_file
 
     return {k: v for k, v in load_file(str(path)).items() if "lora_B" in k}
+
+
+def test_the_demo_models_adapter_waits_for_the_first_picture_that_reads_photos(tmp_path):
+    """Loading the demo model stays as fast as before the adapter: peft and the LoRA come with the first request
+    that reads photos, and a request that reads none leaves them out."""
+    studio = Studio(ModelSpec("demo"), tmp_path / "library")
+    assert studio.bundle.pending_adapter is not None and not has_adapter(studio.bundle.pipe.unet)
+    studio.register(RegisterRequest("rex", "ball", tuple(subject_photos(tmp_path, "rex", 1)), preset="instant"))
+    studio.generate(GenerateRequest(PROMPT, layout=LAYOUT, seed=1, steps=2, references=ReferenceConfig(False)))
+    assert not has_adapter(studio.bundle.pipe.unet)
+    studio.generate(GenerateRequest(PROMPT, layout=LAYOUT, seed=1, steps=2))
+    assert has_adapter(studio.bundle.pipe.unet)
