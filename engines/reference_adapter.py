@@ -15,15 +15,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engines.references import ADAPTER_NAME
 from engines.types import InputError
 
+# peft is imported inside the functions that use it: engines/references.py asks has_adapter() on every request
+ADAPTER_NAME = "reference"  # the peft adapter's name in the UNet
 TARGET_MODULES = r".*attn1\.(to_q|to_k|to_v|to_out\.0)"  # SynCD: LoRA on self-attention only
+
+
+def has_adapter(unet) -> bool:
+    """Whether the UNet carries a reference adapter."""
+    return ADAPTER_NAME in (getattr(unet, "peft_config", None) or {})
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,9 @@ class AdapterSettings:
     rank: int = 16
     alpha: float = 16.0
 
-    def lora(self) -> LoraConfig:
+    def lora(self):
+        from peft import LoraConfig
+
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=TARGET_MODULES, init_lora_weights=True)
 
 
@@ -50,6 +56,8 @@ def load_adapter(unet, path: str | Path) -> dict:
         metadata = handle.metadata() or {}
     if "rank" not in metadata or "alpha" not in metadata:
         raise InputError(f"{path} is not a Troupe reference adapter (no rank and alpha in its metadata)")
+    from peft.utils import set_peft_model_state_dict
+
     add_adapter(unet, AdapterSettings(int(metadata["rank"]), float(metadata["alpha"])))
     result = set_peft_model_state_dict(unet, load_file(str(path)), adapter_name=ADAPTER_NAME)
     missing = [k for k in result.missing_keys if ADAPTER_NAME in k and "lora" in k]
@@ -64,6 +72,8 @@ def save_adapter(unet, path: str | Path, settings: AdapterSettings, card: dict) 
     """Write the adapter atomically (a crash leaves the previous file whole)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from peft.utils import get_peft_model_state_dict
+
     weights = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     state = {key: value.detach().contiguous().cpu() for key, value in weights.items()}
     metadata = {"rank": str(settings.rank), "alpha": str(settings.alpha), "card": json.dumps(card)}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engines.layout import attention_resolutions, region_owners, sigma_at
+from engines.reference_adapter import has_adapter, load_adapter
 from engines.types import Layout, ReferenceConfig
 from kernels.maps import BACKGROUND
 from kernels.reference_attention import ReferenceState, install_references
@@ -30,20 +31,12 @@ from kernels.reference_attention import ReferenceState, install_references
 REFERENCE_PROMPT = "a photo of a {cls}"  # SynCD's reference-pass prompt
 FOREGROUND_SHARE = 0.3  # a reference cell is foreground when this much of it is masked in
 DILATION = 1  # cells added around a reference's foreground at every resolution (SynCD dilates its masks)
-ADAPTER_NAME = "reference"  # the peft adapter engines/reference_adapter.py attaches
-
-
-def has_adapter(unet) -> bool:
-    """Whether the UNet carries a reference adapter (peft is not imported here)."""
-    return ADAPTER_NAME in (getattr(unet, "peft_config", None) or {})
 
 
 def attach_pending_adapter(bundle) -> bool:
     """Attach the adapter the model left for its first use (engines/models.py); whether the UNet has one."""
     unet = bundle.pipe.unet
     if bundle.pending_adapter is not None and not has_adapter(unet):
-        from engines.reference_adapter import load_adapter
-
         load_adapter(unet, bundle.pending_adapter)
     return has_adapter(unet)
 

@@ -13,10 +13,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from engines.models import load_model
-from engines.reference_adapter import AdapterSettings, add_adapter, load_adapter, save_adapter
+from engines.reference_adapter import AdapterSettings, add_adapter, has_adapter, load_adapter, save_adapter
 from engines.reference_dataset import DatasetWriter, load_dataset
 from engines.reference_training import TrainSettings, train_adapter
-from engines.references import has_adapter
 from engines.service import Studio
 from engines.types import (
     Cancelled,
