@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from engines.reference_adapter import ADAPTER_NAME, AdapterSettings, add_adapter, save_adapter
 from engines.reference_batches import ReferenceBatches, reference_pass, target_pass
@@ -110,7 +112,7 @@ def _train_step(unet, state: ReferenceState, batch, optimiser, trainable) -> flo
 
 
 def _state_path(out: Path) -> Path:
-    return out.with_name(out.name + ".optimiser.pt")
+    return out.with_name(out.name + ".optimiser.safetensors")
 
 
 def _resume(unet, optimiser, out: Path) -> int:
@@ -119,12 +121,16 @@ def _resume(unet, optimiser, out: Path) -> int:
     if not (out.is_file() and path.is_file()):
         return 0
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     set_peft_model_state_dict(unet, load_file(str(out)), adapter_name=ADAPTER_NAME)
-    saved = torch.load(path, weights_only=True)
-    optimiser.load_state_dict(saved["optimiser"])
-    return int(saved["step"])
+    per_parameter: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():  # "{parameter index}.{exp_avg|exp_avg_sq|step}"
+        index, name = key.split(".", 1)
+        per_parameter.setdefault(int(index), {})[name] = value
+    current = optimiser.state_dict()  # its param_groups come from the settings, as when the run began
+    optimiser.load_state_dict({"state": per_parameter, "param_groups": current["param_groups"]})
+    with safe_open(str(path), "pt") as handle:
+        return int(handle.metadata()["step"])
 
 
 def _save(unet, optimiser, out: Path, adapter: AdapterSettings, settings: TrainSettings, step: int,
@@ -139,7 +145,10 @@ def _save(unet, optimiser, out: Path, adapter: AdapterSettings, settings: TrainS
         "validation_loss": validation,
     }
     save_adapter(unet, out, adapter, card)
-    partial = _state_path(out).with_suffix(".partial")
-    torch.save({"optimiser": optimiser.state_dict(), "step": step}, partial)
+    # the optimiser's moments as safetensors too (no pickle anywhere): one tensor per parameter index and name
+    moments = {f"{index}.{name}": value.detach().contiguous().cpu()
+               for index, entry in optimiser.state_dict()["state"].items() for name, value in entry.items()}  # fmt: skip
+    partial = _state_path(out).with_name(_state_path(out).name + ".partial")
+    save_file(moments, str(partial), metadata={"step": str(step)})
     partial.replace(_state_path(out))
     return card
