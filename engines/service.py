@@ -9,10 +9,14 @@ from pathlib import Path
 from engines.types import (
     GenerateRequest,
     GenerateResult,
+    InputError,
     Layout,
+    LoraRef,
     ModelSpec,
     ProgressCallback,
     RegisterRequest,
+    RelationInfo,
+    RelationTrainRequest,
     SubjectInfo,
 )
 
@@ -77,12 +81,26 @@ class Studio:
         cancel: threading.Event | None = None,
     ) -> GenerateResult:
         from engines.generate import Generator
+        from engines.loras import applied, lora_updates
         from engines.prompt_subjects import gather_subjects
 
         with self._gpu:
             bundle = self.bundle
             subjects = gather_subjects(request.prompt, self.library, bundle.family, bundle.fingerprint)
-            return Generator(bundle)(request, subjects, on_progress, cancel)
+            loras = lora_updates(bundle, self.request_loras(request))  # every file checked before any work
+            with applied(bundle, loras):  # and taken out again afterwards, bit for bit
+                return Generator(bundle)(request, subjects, on_progress, cancel)
+
+    def request_loras(self, request: GenerateRequest) -> list[LoraRef]:
+        """The person's LoRAs, then the relation's own at the relation's scale (a preset without one adds none)."""
+        loras = list(request.loras)
+        if request.relation:
+            relation = self.relations().get(request.relation)
+            if relation is None:
+                raise InputError(f"unknown relation '{request.relation}' (choose from {', '.join(self.relations())})")
+            if relation.lora is not None:
+                loras.append(LoraRef(str(relation.lora), request.relation_scale))
+        return loras
 
     def vae_roundtrip(self, image):
         """An RGB image (H, W, 3) uint8 through the model's VAE and back: what the model could show at best."""
@@ -144,13 +162,43 @@ class Studio:
     ) -> SubjectInfo:
         return self.library.pull(repo_id, filename, name=name, token=token)
 
-    # Relations, projects and machine presets: torch-free, read by the UI through here --------------------------
-    @staticmethod
-    def relations() -> dict:
-        """The relation presets (engines.relations.Relation by name)."""
+    # Relations ------------------------------------------------------------------------------------------------
+    @property
+    def relation_library(self):
+        from engines.relations.library import RelationLibrary
+
+        return RelationLibrary(self.library_dir)
+
+    def relations(self) -> dict:
+        """The picker's relations (engines.relations.Relation by name): the presets, then the learned ones (a learned
+        relation takes the place of a preset of the same name)."""
         from engines.relations import load_relations
 
-        return load_relations()
+        return {**load_relations(), **self.relation_library.presets()}
+
+    def learned_relations(self) -> list[RelationInfo]:
+        return self.relation_library.list()
+
+    def teach_relation(self, request: RelationTrainRequest, on_progress: ProgressCallback | None = None,
+                       cancel: threading.Event | None = None) -> RelationInfo:  # fmt: skip
+        from engines.relations.training import teach_relation
+
+        with self._gpu:
+            return teach_relation(self.bundle, request, self.relation_library, on_progress, cancel)
+
+    def rename_relation(self, old: str, new: str) -> RelationInfo:
+        return self.relation_library.rename(old, new)
+
+    def delete_relation(self, name: str) -> None:
+        self.relation_library.delete(name)
+
+    def export_relation(self, name: str, dest: str | Path, fmt: str = "diffusers") -> Path:
+        return self.relation_library.export(name, dest, fmt)
+
+    def import_relation(self, path: str | Path, name: str | None = None) -> RelationInfo:
+        return self.relation_library.import_file(path, name)
+
+    # Projects and machine presets: torch-free, read by the UI through here ----------------------------------------
 
     def apply_relation(self, relation: str, participants: list[str], scene: str = "") -> tuple[str, Layout]:
         """A relation's prompt and proposed regions for these participants (`<name>` subjects or phrases)."""

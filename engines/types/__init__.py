@@ -22,6 +22,15 @@ from engines.types.generation import (
 )
 from engines.types.models import ModelSpec
 from engines.types.references import REFERENCE_SWITCHES, START_MODES, ReferenceConfig, reference_switch
+from engines.types.relations import (
+    LORA_SCALE_LIMIT,
+    MAX_LORAS,
+    RELATION_NAME_RULE,
+    LoraRef,
+    RelationInfo,
+    RelationTrainRequest,
+    check_relation_name,
+)
 from engines.types.subjects import (
     FAMILY_LR,
     REGISTER_PRESETS,
@@ -34,6 +43,13 @@ from engines.types.subjects import (
 from engines.types.tables import DEVICES, DTYPES, FAMILIES, LIMITS, OFFLOADS, QUANTIZATIONS, SCHEDULERS, Limits, Sampler
 
 __all__ = [
+    "LORA_SCALE_LIMIT",
+    "MAX_LORAS",
+    "RELATION_NAME_RULE",
+    "LoraRef",
+    "RelationInfo",
+    "RelationTrainRequest",
+    "check_relation_name",
     "REFERENCE_SWITCHES",
     "START_MODES",
     "ReferenceConfig",

@@ -10,6 +10,7 @@ from typing import Any
 
 from engines.types.checks import check_keys, finite, require, whole
 from engines.types.references import ReferenceConfig
+from engines.types.relations import LORA_SCALE_LIMIT, MAX_LORAS, LoraRef
 from engines.types.tables import LIMITS, SCHEDULERS
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in [0, 1] of the canvas
@@ -150,7 +151,9 @@ class GenerateRequest:
     prompt: str
     negative_prompt: str = ""
     layout: Layout = field(default_factory=Layout)
-    relation: str | None = None
+    relation: str | None = None  # a relation of the picker; a learned one applies its LoRA at relation_scale
+    relation_scale: float = 1.0
+    loras: tuple[LoraRef, ...] = ()  # the person's own LoRA files, each at its scale
     seed: int | None = None  # None: a random seed, reported in the result
     steps: int = 20
     cfg: float = 7.5
@@ -170,6 +173,11 @@ class GenerateRequest:
         )
         require(whole(self.num_images, 1, LIMITS.images), f"number of images must be 1..{LIMITS.images}")
         require(self.seed is None or whole(self.seed, 0, 2**63 - 1), "seed must be an integer ≥ 0")
+        require(self.relation is None or isinstance(self.relation, str), "relation must be a name or null")
+        require(finite(self.relation_scale) and abs(self.relation_scale) <= LORA_SCALE_LIMIT,
+                f"relation scale must be a number in -{LORA_SCALE_LIMIT:g}..{LORA_SCALE_LIMIT:g}")  # fmt: skip
+        require(len(self.loras) <= MAX_LORAS, f"at most {MAX_LORAS} LoRAs per request")
+        require(all(isinstance(lora, LoraRef) for lora in self.loras), "loras must be LoraRef objects")
         for name in ("width", "height"):
             size = getattr(self, name)
             require(
@@ -192,7 +200,11 @@ class GenerateRequest:
             regions.append(Region(**{**region, "box": tuple(region["box"])}))
         guidance = GuidanceConfig(**_fields_of(GuidanceConfig, data.pop("guidance", None) or {}))
         references = ReferenceConfig(**_fields_of(ReferenceConfig, data.pop("references", None) or {}))
-        return cls(**data, layout=Layout(tuple(regions)), guidance=guidance, references=references)
+        loras = data.pop("loras", None) or ()
+        require(isinstance(loras, (list, tuple)), "loras must be a list")
+        loras = tuple(LoraRef(**_fields_of(LoraRef, lora, required=("path",))) for lora in loras)
+        layout = Layout(tuple(regions))
+        return cls(**data, layout=layout, guidance=guidance, references=references, loras=loras)
 
 
 def _fields_of(kind: type, data: Any, required: Iterable[str] = ()) -> dict[str, Any]:

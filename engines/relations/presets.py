@@ -3,8 +3,8 @@
 A relation names how its subjects relate ("{a} hugging {b}", "{a} on top of {b}"). Picking one fills the prompt
 and proposes one region per slot, which the person then moves on the canvas. The vocabulary is RelationBench's
 25 relations (DreamRelation, supplementary "RelationBench" table: 14 single-object and 11 two-object prompts)
-plus five spatial ones. A preset may name a relation LoRA (cross-attention q/k/v/out, DreamRelation §3); none is
-shipped, the field is validated so one can be dropped in later.
+plus five spatial ones. A preset may name a relation LoRA (cross-attention q/k/v/out, DreamRelation §3); relations
+learned from examples (engines/relations/training.py) live in the relation library and come back as presets too.
 
 Torch-free on purpose: the UI imports this module to fill its relation picker.
 """
