@@ -34,6 +34,10 @@ def a1111_parameters(request: GenerateRequest, bundle: Any) -> str:
     ]
     if request.layout.regions:
         fields.append(("Troupe regions", json.dumps([[r.label, list(r.box), r.layer] for r in request.layout.regions])))
+    if request.relation:
+        fields.append(("Troupe relation", f"{request.relation} ({request.relation_scale:g})"))
+    if request.loras:  # A1111 writes its LoRAs into the prompt; a field keeps Troupe's prompt as it was typed
+        fields.append(("LoRAs", " ".join(f"{Path(lora.path).stem}:{lora.scale:g}" for lora in request.loras)))
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields)
     negative = f"\nNegative prompt: {request.negative_prompt}" if request.negative_prompt else ""
     return f"{request.prompt}{negative}\n{line}"

@@ -9,7 +9,6 @@ from pathlib import Path
 from engines.types import (
     GenerateRequest,
     GenerateResult,
-    InputError,
     Layout,
     LoraRef,
     ModelSpec,
@@ -95,9 +94,9 @@ class Studio:
         """The person's LoRAs, then the relation's own at the relation's scale (a preset without one adds none)."""
         loras = list(request.loras)
         if request.relation:
-            relation = self.relations().get(request.relation)
-            if relation is None:
-                raise InputError(f"unknown relation '{request.relation}' (choose from {', '.join(self.relations())})")
+            from engines.relations import get_relation
+
+            relation = get_relation(request.relation, self.relations())
             if relation.lora is not None:
                 loras.append(LoraRef(str(relation.lora), request.relation_scale))
         return loras
@@ -202,10 +201,10 @@ class Studio:
 
     def apply_relation(self, relation: str, participants: list[str], scene: str = "") -> tuple[str, Layout]:
         """A relation's prompt and proposed regions for these participants (`<name>` subjects or phrases)."""
-        from engines.relations import apply_relation
+        from engines.relations import apply_relation, get_relation
 
         class_words = {info.name: info.class_word for info in self.subjects()}
-        return apply_relation(relation, participants, scene, class_words)
+        return apply_relation(get_relation(relation, self.relations()), participants, scene, class_words)
 
     @staticmethod
     def vram_presets() -> dict:

@@ -1,4 +1,4 @@
-"""python -m studio {generate,register,subjects,bench,references,ui}: one module per command in studio/cli/.
+"""python -m studio {generate,register,subjects,relations,bench,references,ui}: one module per command in studio/cli/.
 
 Each module listed here exposes `add_parsers(subparsers)`; every subparser sets `func(args) -> exit code`.
 Bad input (engines.types.InputError) is one line on stderr and exit code 2, never a traceback.
@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "studio.cli.subjects",
     "studio.cli.bench",
     "studio.cli.references",
+    "studio.cli.relations",
     "studio.cli.ui",
 )
 

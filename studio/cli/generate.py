@@ -16,6 +16,7 @@ from engines.types import (
     GenerateRequest,
     InputError,
     Layout,
+    LoraRef,
     ReferenceConfig,
     Region,
 )
@@ -29,7 +30,11 @@ def add_parsers(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(parser)
-    parser.add_argument("--prompt", required=True, help="the picture; <name> stands for a registered subject")
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help="the picture; <name> stands for a registered subject (with --pair: the scene around them)",
+    )
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument(
         "--box",
@@ -57,10 +62,23 @@ def add_parsers(subparsers) -> None:
     parser.add_argument(
         "--fit-boxes", action="store_true", help="draw objects at their boxes' size (box fitting: 2-4x slower)"
     )
+    add_relation_arguments(parser)
     add_reference_arguments(parser)
     add_library_argument(parser)
     parser.add_argument("--out", default="outputs/troupe.png", help="PNG path; a batch gets -1, -2, ... suffixes")
     parser.set_defaults(func=run)
+
+
+def add_relation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("relations and LoRAs")
+    group.add_argument("--relation", default=None, metavar="NAME",
+                       help="a relation of the picker; a learned one (relations train) applies its LoRA")  # fmt: skip
+    group.add_argument("--relation-scale", type=float, default=1.0, help="the learned relation's LoRA scale")
+    group.add_argument("--pair", nargs=2, metavar=("A", "B"), default=None,
+                       help="with --relation: fill its template with A and B (words or <name>) and use its boxes "
+                       "and layers (unless --box is given); --prompt then adds the scene")  # fmt: skip
+    group.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="a LoRA file (diffusers' or kohya's format, .safetensors) at SCALE (default 1); repeatable")  # fmt: skip
 
 
 def add_reference_arguments(parser: argparse.ArgumentParser, switches: bool = True) -> None:
@@ -130,8 +148,9 @@ def parse_box(text: str, order: int) -> Region:
     return Region(phrase=words, box=box, layer=layer_index)
 
 
-def build_request(args: argparse.Namespace) -> GenerateRequest:
-    """The one place where the generate options become a GenerateRequest."""
+def build_request(args: argparse.Namespace, prompt: str | None = None, layout: Layout | None = None) -> GenerateRequest:
+    """The one place where the generate options become a GenerateRequest (a relation's `--pair` gives the prompt
+    and the layout)."""
     guidance = GUIDANCE_MODES[args.guidance].config
     if args.strength is not None:
         guidance = dataclasses.replace(guidance, strength=args.strength)
@@ -139,9 +158,12 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
         guidance = dataclasses.replace(guidance, bound_self_attention=True)
     if args.fit_boxes:
         guidance = guidance.fitted()
-    layout = Layout(tuple(parse_box(text, i) for i, text in enumerate(args.box)))
+    if args.box or layout is None:
+        layout = Layout(tuple(parse_box(text, i) for i, text in enumerate(args.box)))
+    if prompt is None and args.prompt is None:
+        raise InputError("--prompt is required (or --relation NAME --pair A B)")
     return GenerateRequest(
-        prompt=args.prompt,
+        prompt=prompt if prompt is not None else args.prompt,
         negative_prompt=args.negative,
         layout=layout,
         seed=args.seed,
@@ -153,6 +175,9 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
         num_images=args.num_images,
         guidance=guidance,
         references=reference_config(args),
+        relation=args.relation,
+        relation_scale=args.relation_scale,
+        loras=tuple(LoraRef.parse(text) for text in args.lora),
     )
 
 
@@ -179,9 +204,15 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    request = build_request(args)
-    paths = output_paths(args.out, request.num_images)
     studio = studio_for(args)
+    if args.pair:
+        if not args.relation:
+            raise InputError("--pair A B fills a relation's template: name it with --relation")
+        prompt, layout = studio.apply_relation(args.relation, list(args.pair), args.prompt or "")
+        request = build_request(args, prompt, layout)
+    else:
+        request = build_request(args)
+    paths = output_paths(args.out, request.num_images)
     result = studio.generate(request, on_progress=print_progress)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
