@@ -185,6 +185,10 @@ class Studio:
         with self._gpu:
             return teach_relation(self.bundle, request, self.relation_library, on_progress, cancel)
 
+    def relation_uploads_dir(self, name: str) -> Path:
+        """Where the studio writes the examples of a relation drawn in the browser."""
+        return self.relation_library.uploads_dir(name)
+
     def rename_relation(self, old: str, new: str) -> RelationInfo:
         return self.relation_library.rename(old, new)
 

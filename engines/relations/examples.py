@@ -25,11 +25,8 @@ from PIL import Image
 
 from engines.images import find_segmenter, grabcut_mask, load_photo
 from engines.relations.presets import Relation
-from engines.types import Box, InputError, Region, check_keys
+from engines.types import EXAMPLES_FILE, MAX_EXAMPLES, MAX_KEYPOINTS, MIN_EXAMPLES, Box, InputError, Region, check_keys
 
-EXAMPLES_FILE = "relation.json"
-MIN_EXAMPLES, MAX_EXAMPLES = 3, 20
-MAX_KEYPOINTS = 32  # per object
 BOX_MARGIN = 0.15  # of the box's side, added around it before finding the foreground in it
 _TOP_KEYS, _EXAMPLE_KEYS = {"relation", "template", "examples", "layers"}, {"image", "prompt", "objects"}
 _OBJECT_KEYS = {"phrase", "box", "mask", "keypoints"}

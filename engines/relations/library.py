@@ -42,6 +42,10 @@ class RelationLibrary:
     def work_dir(self, name: str) -> Path:
         return self.root / ".work" / check_relation_name(name)
 
+    def uploads_dir(self, name: str) -> Path:
+        """Where the studio writes a relation's examples drawn in the browser (a Space visitor's stay private)."""
+        return self.root / ".uploads" / check_relation_name(name)
+
     def _existing(self, name: str) -> Path | None:
         """The folder of a relation whose name equals `name` up to case."""
         check_relation_name(name)
@@ -167,7 +171,8 @@ class RelationLibrary:
         except (SafetensorError, OSError) as error:
             raise InputError(f"{path.name}: not a readable safetensors file ({error})") from None
         if CARD_KEY not in metadata:
-            raise InputError(f"{path.name} is a LoRA without a Troupe relation card: apply it with --lora instead")
+            raise InputError(f"{path.name} is a LoRA, not a Troupe relation (it has no relation card): add it to a "
+                             "request's LoRAs instead")  # fmt: skip
         if not any("lora" in k for k in keys):
             raise InputError(f"{path.name}: holds no LoRA weights")
         try:

@@ -23,8 +23,12 @@ from engines.types.generation import (
 from engines.types.models import ModelSpec
 from engines.types.references import REFERENCE_SWITCHES, START_MODES, ReferenceConfig, reference_switch
 from engines.types.relations import (
+    EXAMPLES_FILE,
     LORA_SCALE_LIMIT,
+    MAX_EXAMPLES,
+    MAX_KEYPOINTS,
     MAX_LORAS,
+    MIN_EXAMPLES,
     RELATION_NAME_RULE,
     LoraRef,
     RelationInfo,
@@ -43,8 +47,12 @@ from engines.types.subjects import (
 from engines.types.tables import DEVICES, DTYPES, FAMILIES, LIMITS, OFFLOADS, QUANTIZATIONS, SCHEDULERS, Limits, Sampler
 
 __all__ = [
+    "EXAMPLES_FILE",
     "LORA_SCALE_LIMIT",
+    "MAX_EXAMPLES",
+    "MAX_KEYPOINTS",
     "MAX_LORAS",
+    "MIN_EXAMPLES",
     "RELATION_NAME_RULE",
     "LoraRef",
     "RelationInfo",

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from engines.types.checks import finite, require, whole
 
 RELATION_NAME_RULE = "1–40 letters, digits, spaces, '_' or '-', starting with a letter or digit"
+EXAMPLES_FILE = "relation.json"  # what a folder of a relation's examples holds beside its images
+MIN_EXAMPLES, MAX_EXAMPLES = 3, 20  # a relation is taught from this many examples
+MAX_KEYPOINTS = 32  # per object of an example
 LORA_SCALE_LIMIT = 4.0  # |scale| of one LoRA: far beyond what any LoRA is trained for, still not a typo's 1e6
 MAX_LORAS = 8  # per request
 

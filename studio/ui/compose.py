@@ -1,5 +1,8 @@
 """The Compose tab: pick a relation, lay out regions on the canvas, set up the image, generate, reuse, save, open.
 
+The relation picker lists the presets and this session's learned relations (the Relations tab refreshes it); a
+learned one shows its "Relation strength", the scale of its LoRA.
+
 API endpoints: /generate and /save_project (GenerateForm's fields by name), /stop, /apply_relation, /add_region,
 /open_png and /open_project (both fill GenerateForm's widgets).
 """
@@ -7,11 +10,12 @@ API endpoints: /generate and /save_project (GenerateForm's fields by name), /sto
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from engines.types import Cancelled, GenerateRequest, GenerateResult, InputError, SubjectInfo
 from studio.ui.canvas import (
@@ -27,8 +31,11 @@ from studio.ui.canvas import (
 from studio.ui.forms import GenerateForm, form_handler, parse_size, size_choices, with_choice
 from studio.ui.image_settings import generate_seconds, settings_card
 from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu, stream
+from studio.ui.loras import check_uploaded, wire_lora_card
 from studio.ui.references import references_card, widened
 from studio.ui.views import idle_html, progress_html
+
+SCALE_RANGE = (0.0, 2.0)  # the relation strength slider's range; a PNG may carry more (see _widened_scale)
 
 
 def subject_labels(subjects: Iterable[SubjectInfo]) -> list[str]:
@@ -36,19 +43,31 @@ def subject_labels(subjects: Iterable[SubjectInfo]) -> list[str]:
     return [f"<{s.name}>" for s in subjects]
 
 
+def relation_choices(relations: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The picker's entries: "— none —", then every relation as its template with A and B; a learned one (it has
+    a LoRA) says so."""
+    return [("— none —", "")] + [
+        (r.template.format(a="A", b="B") + (" · learned" if r.lora is not None else ""), r.name)
+        for r in relations.values()
+    ]
+
+
+def is_learned(relations: Mapping[str, Any], name: str | None) -> bool:
+    return getattr(relations.get(name or ""), "lora", None) is not None
+
+
 class ComposeTab:
     """The widgets of the Compose tab and their handlers; `form` holds GenerateForm's widgets by field name."""
 
     def __init__(self, sessions: Sessions, gpu: GpuWrapper | None, native: int, subjects: list[SubjectInfo]):
         self.sessions, self.gpu, self.native = sessions, gpu, native
-        self.relations = sessions.studio.relations()
         self.form: dict[str, Any] = {}
         with gr.Tab("Compose", id="compose", elem_id="tab-compose"):
             with gr.Row(equal_height=False):
                 with gr.Column(scale=6, min_width=480):
-                    self._relation_card()
+                    self._relation_card(sessions.studio.relations())
                     self._canvas_card(native, subjects)
-                    settings_card(self.form, native)
+                    self.lora_widgets = settings_card(self.form, native)
                     references_card(self.form)
                 with gr.Column(scale=5, min_width=380):
                     self._prompt_column()
@@ -57,19 +76,19 @@ class ComposeTab:
         self.size = self.form["size"]
 
     # ------------------------------------------------------------------------------------------ widgets
-    def _relation_card(self) -> None:
+    def _relation_card(self, relations: Mapping[str, Any]) -> None:
         with gr.Group(elem_classes="tr-card"):
             gr.Markdown(
                 "**Relation** — pick how your subjects relate; it fills the prompt and proposes boxes you can move.",
                 elem_classes="tr-hint",
             )
             with gr.Row():
-                choices = [("— none —", "")] + [
-                    (r.template.format(a="A", b="B"), r.name) for r in self.relations.values()
-                ]
+                # custom values: a relation learned after start-up reaches only the pickers a browser refreshed; an
+                # API client names it as it is, and the engine refuses a name it does not know
                 self.form["relation"] = gr.Dropdown(
-                    choices, value=GenerateForm.relation, label="Relation", elem_id="relation", scale=3
-                )
+                    relation_choices(relations), value=GenerateForm.relation, label="Relation", elem_id="relation",
+                    scale=3, allow_custom_value=True,
+                )  # fmt: skip
                 self.slot_a = gr.Dropdown(
                     [],
                     value=None,
@@ -83,6 +102,11 @@ class ComposeTab:
                     [], value=None, label="Subject B", allow_custom_value=True, elem_id="relation-b", scale=2
                 )
                 self.scene = gr.Textbox("", label="Scene", placeholder="on the beach", elem_id="scene", scale=3)
+            self.form["relation_scale"] = gr.Slider(
+                *SCALE_RANGE, value=GenerateForm.relation_scale, step=0.05, label="Relation strength",
+                info="how much the learned relation's LoRA changes the picture (1 = as trained)", visible=False,
+                elem_id="relation-scale",
+            )  # fmt: skip
 
     def _canvas_card(self, native: int, subjects: list[SubjectInfo]) -> None:
         with gr.Group(elem_classes="tr-card"):
@@ -160,7 +184,8 @@ class ComposeTab:
         relation = self.form["relation"]
         inputs = [relation, self.slot_a, self.slot_b, self.scene, self.canvas]
         outputs = [self.slot_b, self.form["prompt"], self.canvas]
-        relation.change(self.relation_picked, relation, [self.scene, self.slot_b], queue=False, **QUIET).then(
+        picked = [self.scene, self.slot_b, self.form["relation_scale"]]
+        relation.change(self.relation_picked, relation, picked, queue=False, **QUIET).then(
             guarded(self.apply_relation), inputs, outputs, api_name="apply_relation", show_progress="hidden"
         )
         for trigger in (self.slot_a.change, self.slot_b.change, self.scene.submit):
@@ -198,6 +223,7 @@ class ComposeTab:
         )
         self.stop_btn.click(self.stop, None, None, queue=False, api_name="stop", show_progress="hidden")
         self.results.select(self.result_selected, None, self.selected_result, **QUIET)
+        wire_lora_card(self.form["loras"], self.lora_widgets, QUIET)
 
     def _wire_files(self) -> None:
         widgets = GenerateForm.widgets_in_order(self.form)
@@ -215,10 +241,16 @@ class ComposeTab:
         )
 
     # ------------------------------------------------------------------------------------------ handlers
-    def relation_picked(self, relation: str | None) -> tuple[Any, Any]:
-        """A relation was picked: suggest its scene; a one-subject relation hides Subject B."""
-        chosen = self.relations.get(relation or "")
-        return gr.update(value=chosen.scene if chosen else ""), gr.update(visible=not chosen or chosen.arity == 2)
+    def relation_picked(self, relation: str | None, request: gr.Request) -> tuple[Any, Any, Any]:
+        """A relation was picked: suggest its scene; a one-subject relation hides Subject B; a learned one shows
+        its strength."""
+        relations = self.sessions.studio_for(request).relations()
+        chosen = relations.get(relation or "")
+        return (
+            gr.update(value=chosen.scene if chosen else ""),
+            gr.update(visible=not chosen or chosen.arity == 2),
+            gr.update(visible=is_learned(relations, relation)),
+        )
 
     def apply_relation(
         self,
@@ -230,12 +262,12 @@ class ComposeTab:
         request: gr.Request,
     ) -> tuple[Any, Any, Any]:
         """Fill the prompt and propose boxes once every slot of the relation is filled: (slot B, prompt, canvas)."""
-        chosen = self.relations.get(relation or "")
+        studio = self.sessions.studio_for(request)
+        chosen = studio.relations().get(relation or "")
         slot_b = gr.update(visible=not chosen or chosen.arity == 2)
         participants = [str(p or "").strip() for p in (subject_a, subject_b)[: chosen.arity]] if chosen else []
         if not chosen or not all(participants):
             return slot_b, gr.skip(), gr.skip()
-        studio = self.sessions.studio_for(request)
         prompt, layout = studio.apply_relation(chosen.name, participants, scene or "")
         width, height = size_of(canvas)
         return slot_b, prompt, layout_to_canvas(layout, width, height, subject_labels(studio.subjects()))
@@ -258,10 +290,21 @@ class ComposeTab:
         pickers = {picker: gr.update(choices=labels) for picker in (self.slot_a, self.slot_b, self.add_label)}
         return {**pickers, self.canvas: with_suggestions(canvas, labels)}
 
+    def relation_widgets(self) -> tuple[Any, ...]:
+        return (self.form["relation"],)
+
+    def show_relations(self, relations: Mapping[str, Any], picked: str | None) -> dict[Any, Any]:
+        """The relation library changed (or the page loaded): the picker's entries; a relation that is gone is
+        unpicked (its change event then hides the strength slider)."""
+        value = picked if (picked or "") in relations else ""
+        return {self.form["relation"]: gr.update(choices=relation_choices(relations), value=value)}
+
     def generate(self, form: GenerateForm, request: gr.Request) -> Iterator[tuple[Any, Any]]:
         """Stream (status, results): previews while running, then the PNGs. Bad input: one message, no change."""
         wanted = form.to_request(self.sessions.class_words(request))
         studio = self.sessions.studio_for(request)
+        if self.sessions.per_user_root is not None:  # a Space reads only the visitor's uploads, never typed paths
+            check_uploaded(wanted.loras, [Path(get_upload_folder()), Path(studio.library_dir)])
         cancel = self.sessions.cancel_flag(request, "generate", fresh=True)
         yield progress_html("Starting…", extra="waiting for the model"), gr.skip()
         try:
@@ -326,9 +369,9 @@ class ComposeTab:
         native = self.sessions.native_size(self.native)
         width, height = width or wanted.width or native, height or wanted.height or native
         canvas = layout_to_canvas(wanted.layout, width, height, subject_labels(self.sessions.subjects(request)))
-        form = GenerateForm.from_request(wanted, canvas, self.relations)
+        form = GenerateForm.from_request(wanted, canvas, self.sessions.studio_for(request).relations())
         size = gr.update(choices=with_choice(size_choices(native), form.size), value=form.size)
-        return form.as_outputs(size=size, **widened(form))
+        return form.as_outputs(size=size, **widened(form), **_widened_scale(form.relation_scale))
 
     def finished(self, result: GenerateResult, folder: Path) -> tuple[str, list[str]]:
         """The last update of a generation: "Done" with the seeds, and the saved PNGs (settings included)."""
@@ -343,3 +386,11 @@ class ComposeTab:
             gr.Warning(warning)
         notes = "".join(f" · ⚠ {w}" for w in result.warnings)
         return progress_html("Done", extra=f"seed {seeds} · {took:.1f}s{notes}", state="done"), paths
+
+
+def _widened_scale(scale: float) -> dict[str, Any]:
+    """A restored relation strength beyond the slider's range widens it (the engine accepts up to ±4)."""
+    low, high = SCALE_RANGE
+    if low <= scale <= high:
+        return {}
+    return {"relation_scale": gr.update(value=scale, minimum=min(low, scale), maximum=max(high, scale))}

@@ -33,9 +33,13 @@ from engines.types import (
     ModelSpec,
     ReferenceConfig,
     RegisterRequest,
+    RelationTrainRequest,
+    check_relation_name,
     reference_switch,
 )
 from studio.ui.canvas import canvas_to_layout
+from studio.ui.loras import lora_refs, lora_rows
+from studio.ui.relation_examples import ExampleFolder, checked, parse_draft
 
 FormT = TypeVar("FormT", bound="Form")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -130,6 +134,9 @@ class GenerateForm(Form):
     reference_adapter: bool = ReferenceConfig.adapter
     start: str = ReferenceConfig.start  # a value of engines.types.START_MODES
     start_strength: float = ReferenceConfig.start_strength
+    # a learned relation's LoRA scale and the person's LoRA list (studio/ui/loras.py: rows of [file, scale])
+    relation_scale: float = GenerateRequest.relation_scale
+    loras: Any = None
 
     def to_request(self, class_words: Mapping[str, str]) -> GenerateRequest:
         """The one place where the Compose widgets become a GenerateRequest (checked by its constructor)."""
@@ -140,6 +147,8 @@ class GenerateForm(Form):
             negative_prompt=self.negative_prompt or "",
             layout=canvas_to_layout(self.canvas, class_words),
             relation=self.relation or None,
+            relation_scale=_number(self.relation_scale, GenerateRequest.relation_scale),
+            loras=lora_refs(self.loras),
             seed=None if self.random_seed else int(self.seed or 0),
             steps=int(self.steps),
             cfg=float(self.cfg),
@@ -191,6 +200,8 @@ class GenerateForm(Form):
             reference_adapter=request.references.adapter,
             start=request.references.start,
             start_strength=request.references.start_strength,
+            relation_scale=request.relation_scale,
+            loras=lora_rows(request.loras),
         )
 
 
@@ -268,6 +279,40 @@ def check_photos(paths: list[str]) -> tuple[str, ...]:
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise InputError(f"'{name}' is not a readable image ({error.__class__.__name__})") from error
     return tuple(str(p) for p in paths)
+
+
+# ------------------------------------------------------------------------------------------------ Relations
+@dataclass(frozen=True)
+class RelationForm(Form):
+    """The "Teach a relation" card: the parameters of /teach_relation. `annotations` is the examples' JSON
+    (studio/ui/relation_examples.py), `examples` the uploaded images (and, optionally, a ready relation.json)."""
+
+    name: str = ""
+    relation: str = ""  # the words: "leaning on"
+    template: str = ""  # "{a} leaning on {b}"
+    examples: Any = None
+    annotations: str = "[]"
+    steps: int = RelationTrainRequest.steps
+    rank: int = RelationTrainRequest.rank
+    keypoints: bool = True  # DreamRelation's keypoint matching loss on (its default weight) or off
+
+    def to_request(self, folder_for: Callable[[str], Path]) -> tuple[RelationTrainRequest, ExampleFolder]:
+        """The one place where the card's widgets become a RelationTrainRequest, and the examples it will read
+        from the folder `folder_for(name)` gives (checked here; Train writes them there)."""
+        name = check_relation_name((self.name or "").strip())  # a safe folder name before any path is built
+        examples = checked(self.relation, self.template, self.examples, parse_draft(self.annotations))
+        request = RelationTrainRequest(
+            name=name,
+            exemplars=str(folder_for(name)),
+            steps=int(self.steps or RelationTrainRequest.steps),
+            rank=int(self.rank or RelationTrainRequest.rank),
+            keypoint_weight=RelationTrainRequest.keypoint_weight if self.keypoints else 0.0,
+        )
+        return request, examples
+
+    def gpu_seconds(self) -> float:
+        """How long a Space may hold the GPU for this training: loading and encoding, then the steps."""
+        return min(600.0, 30.0 + 0.5 * float(self.steps or RelationTrainRequest.steps))
 
 
 # ------------------------------------------------------------------------------------------------ Settings

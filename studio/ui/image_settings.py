@@ -9,6 +9,7 @@ import gradio as gr
 
 from engines.types import LIMITS, SCHEDULERS
 from studio.ui.forms import GenerateForm, size_choices
+from studio.ui.loras import lora_card
 from studio.ui.references import reference_cost
 
 STRENGTH_MAX = 0.3  # the slider's range; above it the boxes overpower the prompt (the engine accepts any ≥ 0)
@@ -23,8 +24,9 @@ def generate_seconds(request: Any, *values: Any) -> float:
     return min(120.0, 10.0 + 0.6 * work)
 
 
-def settings_card(form: dict[str, Any], native: int) -> None:
-    """Add the card's widgets to `form` (the tab's widgets keyed by GenerateForm's field names)."""
+def settings_card(form: dict[str, Any], native: int) -> dict[str, Any]:
+    """Add the card's widgets to `form` (the tab's widgets keyed by GenerateForm's field names); returns the LoRA
+    list's own buttons (studio/ui/loras.py), which the tab wires."""
     defaults = GenerateForm()
     with gr.Accordion("Settings for this image", open=True, elem_classes="tr-card"):
         with gr.Row():
@@ -61,3 +63,4 @@ def settings_card(form: dict[str, Any], native: int) -> None:
             elem_id="fit-boxes",
             info="draws objects at their boxes' size; 2-4x slower",
         )
+        return lora_card(form)

@@ -1,4 +1,4 @@
-"""The studio page: a header, the three tabs and what ties them together; and serving it.
+"""The studio page: a header, the four tabs and what ties them together; and serving it.
 
 `build_ui(studio)` is a factory, so tests pass a tiny-model Studio. The tabs talk to the engines only through
 engines.service.Studio and the dataclasses of engines.types.
@@ -15,6 +15,7 @@ import gradio as gr
 from engines.types import InputError, ModelSpec, SubjectInfo
 from studio.ui.compose import ComposeTab
 from studio.ui.jobs import QUIET, GpuWrapper, Sessions
+from studio.ui.relations import RelationsTab
 from studio.ui.settings import SettingsTab
 from studio.ui.subjects import SubjectsTab
 from studio.ui.views import model_badge
@@ -58,6 +59,7 @@ def build_ui(
     info = _model_info(studio)
     native = int(info.get("native_size") or 512)
     subjects = [] if per_user_library else studio.subjects()  # per-visitor lists arrive with the page load
+    learned = [] if per_user_library else studio.learned_relations()
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         with gr.Row(elem_classes="tr-header"):
             gr.HTML(
@@ -68,12 +70,16 @@ def build_ui(
         with gr.Tabs(elem_id="tabs") as tabs:
             compose = ComposeTab(sessions, gpu, native, subjects)
             library = SubjectsTab(sessions, gpu, subjects)
+            relations = RelationsTab(sessions, gpu, learned)
             settings = SettingsTab(sessions, gpu, info, allow_model_switch)
         subject_lists = SubjectLists(sessions, compose, library)
+        relation_lists = RelationLists(sessions, compose, relations)
         compose.wire()
         library.wire(subject_lists.refresh_after, compose.canvas, tabs)
+        relations.wire(relation_lists.refresh_after)
         settings.wire(badge, compose.size)
         subject_lists.refresh_after(demo.load)  # every page load: this session's subjects (a Space's are private)
+        relation_lists.refresh_after(demo.load)  # and its relations
         demo.unload(sessions.forget)
     return demo
 
@@ -107,6 +113,23 @@ class SubjectLists:
         """`chain` is an event's `.then`/`.success` (after a library change) or `demo.load`."""
         outputs = {*self.compose.subject_widgets(), *self.library.subject_widgets()}
         return chain(self.refresh, self.compose.canvas, outputs, **QUIET)
+
+
+class RelationLists:
+    """Every widget that lists relations: Compose's picker (presets and learned) and the Relations tab's list."""
+
+    def __init__(self, sessions: Sessions, compose: ComposeTab, library: RelationsTab):
+        self.sessions, self.compose, self.library = sessions, compose, library
+
+    def refresh(self, picked: str | None, request: gr.Request) -> dict[Any, Any]:
+        studio = self.sessions.studio_for(request)
+        return {**self.compose.show_relations(studio.relations(), picked),
+                **self.library.show_relations(studio.learned_relations())}  # fmt: skip
+
+    def refresh_after(self, chain: Any) -> Any:
+        """`chain` is an event's `.then`/`.success` (after a relation library change) or `demo.load`."""
+        outputs = {*self.compose.relation_widgets(), *self.library.relation_widgets()}
+        return chain(self.refresh, self.compose.form["relation"], outputs, **QUIET)
 
 
 def make_studio(model: str, library: str | None = None, vram: str | None = None) -> Studio:

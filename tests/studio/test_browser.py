@@ -256,3 +256,116 @@ def test_an_instant_subject_from_one_demo_world_photo_is_generated_in_its_box(pa
         request = json.loads(result.text["troupe"])["request"]
     assert [r["subject"] for r in request["layout"]["regions"]] == ["pip"]
     assert request["references"]["enabled"] is True  # the photos were read, inside the box
+
+
+# ------------------------------------------------------------------------------------------- relations
+BOX_A, BOX_B = (0.15, 0.16, 0.55, 0.92), (0.58, 0.32, 0.92, 0.92)  # where the pictures below put the two objects
+
+
+def relation_pictures(folder: Path, count: int = 3) -> list[str]:
+    """A red block leaning on a blue one (64×64), a little differently each time."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = np.full((64, 64, 3), (110, 170, 90), np.uint8)
+        pixels[21:59, 37:59] = (40, 70, 210)
+        for row in range(11, 58):
+            shift = (row - 11) // 6
+            pixels[row, 10 + i + shift : 27 + i + shift] = (215, 40, 40)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+        paths.append(str(folder / f"{i:02d}.png"))
+    return paths
+
+
+def _click_picture(page, x: float, y: float) -> None:
+    """Click at (x, y), fractions of the example picture as shown, and wait for it to be redrawn."""
+    image = page.locator("#relation-example-image img").first
+    before = image.get_attribute("src")
+    shown = image.evaluate(
+        "e => { const r = e.getBoundingClientRect();"
+        " const s = Math.min(r.width / e.naturalWidth, r.height / e.naturalHeight, 1);"
+        " return {x: r.left + (r.width - e.naturalWidth * s) / 2, y: r.top + (r.height - e.naturalHeight * s) / 2,"
+        " w: e.naturalWidth * s, h: e.naturalHeight * s}; }"
+    )  # object-fit: scale-down (Gradio's), centred: where the person sees the picture
+    page.mouse.click(shown["x"] + x * shown["w"], shown["y"] + y * shown["h"])
+    sync_api.expect(image).not_to_have_attribute("src", before or "", timeout=20_000)
+
+
+def test_teach_a_relation_by_clicking_boxes_then_generate_with_it(page, served_studio, tmp_path):
+    """Relations tab: name the relation, upload three pictures, write one prompt for all, click two boxes on each
+    picture (and a keypoint), train a few steps; then Compose lists it and shows its strength, a LoRA file is added
+    to the LoRA list, and the image's PNG names both."""
+    expect = sync_api.expect
+    studio = served_studio[0]
+    page.reload()
+    page.wait_for_selector("#canvas .tc-stage")
+    page.get_by_role("tab", name="Relations").click()
+    words = page.locator("#relation-words input, #relation-words textarea").first
+    words.fill("leaning on")
+    words.press("Tab")
+    page.locator("#relation-examples input[type=file]").set_input_files(relation_pictures(tmp_path / "pictures"))
+    expect(page.locator("#relation-template textarea, #relation-template input").first).to_have_value(
+        "{a} leaning on {b}"
+    )  # filled from the words when the words box was left
+    expect(page.locator("#relation-example-summary")).to_contain_text("0 of 3 examples ready")
+    expect(page.locator("#relation-example-image img")).to_be_visible()
+
+    page.locator("#relation-example-prompt textarea").fill("a red box leaning on a blue tent on grass")
+    page.locator("#relation-phrase-a textarea, #relation-phrase-a input").first.fill("red box")
+    page.locator("#relation-phrase-b textarea, #relation-phrase-b input").first.fill("blue tent")
+    expect(page.locator("#relation-example-summary")).to_contain_text("the box of A")
+    page.locator("#relation-copy-all").click()
+    expect(page.locator("#relation-example-summary")).to_contain_text("words copied to all 3 examples")
+    for index in range(3):
+        expect(page.locator("#relation-example input")).to_have_value(f"{index:02d}.png")
+        expect(page.locator("#relation-example-summary")).to_contain_text(f"{index:02d}.png: needs")  # it is shown
+        for x0, y0, x1, y1 in (BOX_A, BOX_B):  # "Box of A" is picked; after A's box comes B's
+            _click_picture(page, x0, y0)
+            _click_picture(page, x1, y1)
+        expect(page.locator("#relation-example-summary")).to_contain_text(f"{index + 1} of 3 examples ready")
+        if index == 0:  # one keypoint on A, the top of the leaning block
+            page.locator("#relation-click-mode").get_by_text("Keypoints of A").click()
+            _click_picture(page, 0.3, 0.2)
+            expect(page.locator("#relation-example-summary")).to_contain_text("keypoints A 1, B 0")
+            page.locator("#relation-click-mode").get_by_text("Box of A").click()
+        page.locator("#relation-next").click()
+    page.screenshot(path=str(ARTIFACTS / "studio-relation-examples.png"), full_page=True)
+
+    page.locator("#relation-steps input[type=number]").fill("3")
+    page.locator("#relation-steps input[type=number]").press("Enter")
+    page.locator("#relation-train").click()
+    expect(page.locator("#relation-status")).to_contain_text("is learned", timeout=120_000)
+    expect(page.locator("#relation-list")).to_contain_text("{a} leaning on {b}")
+    (learned,) = [r for r in studio.learned_relations() if r.name == "leaning on"]
+    for got, wanted in zip(learned.boxes, (BOX_A, BOX_B)):  # the clicks reached the engine where they were made
+        assert max(abs(g - w) for g, w in zip(got, wanted)) < 0.02, (got, wanted)
+    page.screenshot(path=str(ARTIFACTS / "studio-relation-learned.png"), full_page=True)
+
+    # --- Compose: the learned relation is in the picker, with its strength
+    page.get_by_role("tab", name="Compose").click()
+    expect(page.locator("#relation-scale")).to_be_hidden()
+    _pick(page, "relation", "A leaning on B · learned")
+    expect(page.locator("#relation-scale")).to_be_visible()
+    _pick(page, "relation-a", "red box", custom=True)
+    _pick(page, "relation-b", "blue tent", custom=True)
+    expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"^red box leaning on blue tent"))
+    # and a LoRA file in the LoRA list (here the relation's own, exported in kohya's format)
+    lora = studio.export_relation("leaning on", tmp_path / "leaning-kohya.safetensors", "kohya")
+    page.locator("#lora-card").get_by_text("LoRAs", exact=True).click()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#lora-upload").click()
+    chooser.value.set_files(str(lora))
+    expect(page.locator("#lora-list")).to_contain_text("leaning-kohya.safetensors")
+    page.locator("#steps input[type=number]").fill("3")
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#generate-btn").click()
+    expect(page.locator("#gen-status")).to_contain_text("Done", timeout=60_000)
+    image = page.locator("#result-gallery img").first
+    (tmp_path / "related.png").write_bytes(page.request.get(image.get_attribute("src")).body())
+    with Image.open(tmp_path / "related.png") as result:
+        request = json.loads(result.text["troupe"])["request"]
+    assert (request["relation"], request["relation_scale"]) == ("leaning on", 1.0)
+    assert [(Path(lo["path"]).name, lo["scale"]) for lo in request["loras"]] == [("leaning-kohya.safetensors", 1.0)]
+    page.screenshot(path=str(ARTIFACTS / "studio-relation-generated.png"), full_page=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -169,6 +170,8 @@ def test_generate_by_keyword_with_named_parameters(client):
         "reference_adapter",
         "start",
         "start_strength",
+        "relation_scale",
+        "loras",
     ]
     canvas = json.loads(two_regions())
     canvas["regions"][0]["layer"], canvas["regions"][1]["layer"] = 1, 0  # the red ball in front
@@ -268,6 +271,8 @@ def test_per_user_libraries_are_private(tiny_sd15_dir, tmp_path, photos):
             assert studio.subjects() == []  # nothing landed in the shared library
             with pytest.raises(AppError, match="fixed"):
                 bob.predict("demo", "auto", "auto", "none", "none", api_name="/load_model")
+            with pytest.raises(AppError, match="on this Space add LoRA files by uploading them"):  # no server paths
+                bob.predict(prompt="a red ball", loras=_lora_table([["/etc/x.safetensors", 1]]), api_name="/generate")
         finally:
             demo.close()
 
@@ -421,7 +426,7 @@ def test_app_on_a_space_wraps_gpu_work_and_isolates_visitors(tiny_sd15_dir, tmp_
 
     monkeypatch.setattr(app, "make_studio", lambda *a: Studio(ModelSpec(str(tiny_sd15_dir)), tmp_path / "lib"))
     assert app.main(["--model", "ignored"]) == 0
-    assert set(wrapped) == {"generate", "register", "load_model"}
+    assert set(wrapped) == {"generate", "register", "load_model", "teach"}
     steps_at = ["prompt", "negative", "canvas", "relation", "seed", "randomize", "size", "steps"].index("steps")
     values = [None] * 13
     values[steps_at], values[10] = 30, 2  # 30 steps, 2 images
@@ -517,3 +522,109 @@ def test_references_raise_the_zerogpu_duration_only_when_they_run():
     assert seconds(prompt="<rex> on grass") > plain
     assert seconds(prompt="<rex> on grass", image_guidance=2.0) > seconds(prompt="<rex> on grass")
     assert seconds(prompt="<rex> on grass", references="off") == plain
+
+
+# ------------------------------------------------------------------------------------------- relations, LoRAs
+def _lora_table(rows: list) -> dict:
+    """The LoRA list as an API client sends a table."""
+    return {"headers": ["LoRA file (.safetensors)", "scale"], "data": rows}
+
+
+def _relation_args(files: list[str], annotations: str, name: str = "leaning on", steps: int = 3) -> dict:
+    return dict(name=name, relation="leaning on", template="{a} leaning on {b}",
+                examples=[handle_file(f) for f in files], annotations=annotations, steps=steps)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    from tests.studio.test_relations_ui import annotated, pictures
+
+    files = pictures(tmp_path_factory.mktemp("relation"))
+    return files, json.dumps(annotated(files))
+
+
+def _library_files(studio) -> list[str]:
+    return sorted(str(p.relative_to(studio.library_dir)) for p in Path(studio.library_dir).rglob("*"))
+
+
+def test_bad_relation_input_is_one_line_and_writes_nothing(client, studio_app, examples, tmp_path):
+    studio = studio_app[0]
+    files, annotations = examples
+    before = _library_files(studio)
+    with pytest.raises(AppError, match=r"3–20 example images \(got 2\)"):
+        client.predict(**_relation_args(files[:2], json.dumps(json.loads(annotations)[:2])), api_name="/teach_relation")
+    with pytest.raises(AppError, match="example 00.png: write its prompt"):
+        blank = json.loads(annotations)
+        blank[0]["prompt"] = ""
+        client.predict(**_relation_args(files, json.dumps(blank)), api_name="/teach_relation")
+    broken = tmp_path / "01.png"
+    broken.write_bytes(b"not a png at all")  # passes the tab's checks; the engine's reading refuses it
+    with pytest.raises(AppError, match="01.png: not an image"):
+        client.predict(**_relation_args([files[0], str(broken), files[2]], annotations), api_name="/teach_relation")
+    with pytest.raises(AppError, match="safetensors files only"):
+        client.predict(prompt="a red ball", loras=_lora_table([["style.ckpt", 1]]), api_name="/generate")
+    with pytest.raises(AppError, match="Invalid file type|import a relation file exported by Troupe"):
+        client.predict(handle_file(files[0]), api_name="/import_relation")
+    assert _library_files(studio) == before
+
+
+def test_teach_cancel_resume_then_generate_with_the_relation_and_a_lora(client, studio_app, examples, monkeypatch):
+    """Train, Cancel, Train again: it goes on from where it stopped. Then the relation is in the picker, generates
+    at its strength with a LoRA from the list, and comes back from the PNG; export, delete, import and rename."""
+    import threading
+
+    studio = studio_app[0]
+    files, annotations = examples
+    teach, reached = studio.teach_relation, threading.Event()
+
+    def held_at_step_2(request, on_progress, cancel):
+        """The first training waits at step 2 for /cancel_relation, so the test does not race a fast machine."""
+
+        def progress(step):
+            on_progress(step)
+            if step.step == 2 and not reached.is_set():
+                reached.set()
+                cancel.wait(60)
+
+        return teach(request, progress, cancel)
+
+    monkeypatch.setattr(studio, "teach_relation", held_at_step_2)
+    job = client.submit(**_relation_args(files, annotations, steps=8), api_name="/teach_relation")
+    assert reached.wait(120)
+    client.predict(api_name="/cancel_relation")
+    assert "Cancelled at step 2" in job.result(timeout=60)
+    assert studio.learned_relations() == []
+    job = client.submit(**_relation_args(files, annotations, steps=8), api_name="/teach_relation")
+    assert "is learned" in job.result(timeout=120)
+    steps = [int(m) for o in job.outputs() for m in re.findall(r"step (\d+)/8", str(o))]
+    assert steps and min(steps) > 2  # resumed from the checkpoint, not from the first step
+    assert "leaning on" in studio.relations() and studio.relations()["leaning on"].lora is not None
+
+    _, prompt, canvas = client.predict(
+        "leaning on", "red box", "blue tent", "", two_regions(), api_name="/apply_relation"
+    )
+    exported = client.predict("leaning on", "kohya", api_name="/export_relation")
+    lora = exported["value"] if isinstance(exported, dict) and "value" in exported else exported
+    status, gallery = client.predict(prompt=prompt, canvas=canvas, relation="leaning on", relation_scale=0.5, steps=2,
+                                     loras=_lora_table([[lora, 0.7]]), api_name="/generate")  # fmt: skip
+    request = _troupe_request(gallery[0]["image"])
+    assert (request["relation"], request["relation_scale"]) == ("leaning on", 0.5)
+    assert request["loras"] == [{"path": lora, "scale": 0.7}]
+    restored = _widgets(client.predict(handle_file(gallery[0]["image"]), api_name="/open_png"))
+    assert (restored["relation"], restored["relation_scale"]) == ("leaning on", 0.5)
+    table = restored["loras"]
+    assert (table["data"] if isinstance(table, dict) else table) == [[lora, 0.7]]
+
+    diffusers = client.predict("leaning on", "diffusers", api_name="/export_relation")
+    diffusers = diffusers["value"] if isinstance(diffusers, dict) and "value" in diffusers else diffusers
+    client.predict("leaning on", api_name="/delete_relation")
+    assert studio.learned_relations() == []
+    assert "leaning on" in client.predict(handle_file(diffusers), api_name="/import_relation")
+    client.predict("leaning on", "leans on", api_name="/rename_relation")
+    assert [r.name for r in studio.learned_relations()] == ["leans on"]
+    with pytest.raises(AppError, match="is a LoRA, not a Troupe relation"):
+        plain = Path(lora).with_name("plain.safetensors")
+        from safetensors.torch import load_file, save_file
+
+        save_file(load_file(lora), str(plain))  # the weights without the relation's card
+        client.predict(handle_file(str(plain)), api_name="/import_relation")
