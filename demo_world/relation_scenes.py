@@ -346,7 +346,8 @@ def render_control(relation: str, kind: str, seed: int, pairs: Sequence[Pair] | 
 
 
 def write_relation_folder(folder, relation: str, seeds: Sequence[int], pairs: Sequence[Pair] | None = None,
-                          with_masks: bool = True, with_keypoints: bool = True) -> tuple[RelationScene, ...]:  # fmt: skip
+                          with_masks: bool = True, with_keypoints: bool = True,
+                          mirror: bool = True) -> tuple[RelationScene, ...]:  # fmt: skip
     """Write NN.png (+ NN_a.png / NN_b.png masks, L mode, 255 = visible object) and relation.json in the schema of
     engines/relations/examples.py; the same arguments give the same bytes. Returns the scenes written."""
     folder = Path(folder)
@@ -367,6 +368,18 @@ def write_relation_folder(folder, relation: str, seeds: Sequence[int], pairs: Se
             objects.append(entry)
         examples.append({"image": f"{name}.png", "prompt": scene.prompt, "objects": objects})
         scenes.append(scene)
-    data = {"relation": relation, "template": TEMPLATES[relation], "examples": examples}
+    data = {"relation": relation, "template": TEMPLATES[relation], "mirror": mirror, "examples": examples}
     (folder / "relation.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return tuple(scenes)
+
+
+if __name__ == "__main__":  # python -m demo_world.relation_scenes "leaning on" OUT: a folder to teach the demo model
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write a relation's examples from the demo world's training pairs")
+    parser.add_argument("relation", choices=sorted(TEMPLATES))
+    parser.add_argument("out", help="the folder to write (relation.json, images, masks)")
+    parser.add_argument("--examples", type=int, default=12)
+    args = parser.parse_args()
+    write_relation_folder(args.out, args.relation, range(args.examples), split_pairs(args.relation)[0])
+    print(f"wrote {args.examples} examples of '{args.relation}' to {args.out}")

@@ -1,6 +1,6 @@
 """A relation's examples: a folder with a relation.json and its images, read and checked before any work.
 
-    {"relation": "leaning on", "template": "{a} leaning on {b}", "layers": [1, 0],          (layers: optional)
+    {"relation": "leaning on", "template": "{a} leaning on {b}", "layers": [1, 0], "mirror": true,   (both optional)
      "examples": [{"image": "01.png", "prompt": "a red box leaning on a blue tent on grass",
                    "objects": [{"phrase": "red box", "box": [0.1, 0.3, 0.5, 0.9],
                                 "mask": "01_a.png", "keypoints": [[0.2, 0.4], [0.3, 0.8]]},   (both optional)
@@ -9,7 +9,9 @@
 objects[0] fills slot {a}, objects[1] slot {b}; every phrase is words of its prompt (the cross-attention loss reads
 their tokens). An object without a mask gets one from the same foreground step as a subject's photos
 (engines/images.py: the ONNX segmenter or GrabCut), run on its box; one without keypoints gets them from its mask.
-Every problem is one InputError naming the example and the key; nothing is written anywhere.
+`mirror` says the relation is the same seen in a mirror (leaning on, hugging — not "to the left of"): training then
+also sees every example flipped left to right, twice the examples for free. Every problem is one InputError naming
+the example and the key; nothing is written anywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from engines.relations.presets import Relation
 from engines.types import EXAMPLES_FILE, MAX_EXAMPLES, MAX_KEYPOINTS, MIN_EXAMPLES, Box, InputError, Region, check_keys
 
 BOX_MARGIN = 0.15  # of the box's side, added around it before finding the foreground in it
-_TOP_KEYS, _EXAMPLE_KEYS = {"relation", "template", "examples", "layers"}, {"image", "prompt", "objects"}
+_TOP_KEYS, _EXAMPLE_KEYS = {"relation", "template", "examples", "layers", "mirror"}, {"image", "prompt", "objects"}
 _OBJECT_KEYS = {"phrase", "box", "mask", "keypoints"}
 
 
@@ -54,6 +56,7 @@ class RelationExamples:
     relation: Relation  # the template, the examples' mean boxes and the layers: what the picker proposes
     examples: tuple[RelationExample, ...]
     digest: str  # of relation.json and every file it names: a resumed training must see the same examples
+    mirror: bool = False  # train on every example flipped left to right too
 
 
 def read_examples(folder: str | Path, name: str | None = None) -> RelationExamples:
@@ -84,7 +87,9 @@ def read_examples(folder: str | Path, name: str | None = None) -> RelationExampl
         layers=data.get("layers", [1, 0]),
         kind="interaction",
     )
-    return RelationExamples(" ".join(words.split()), relation, examples, digest.hexdigest())
+    if not isinstance(data.get("mirror", False), bool):
+        raise InputError(f"{EXAMPLES_FILE}: mirror must be true or false")
+    return RelationExamples(" ".join(words.split()), relation, examples, digest.hexdigest(), data.get("mirror", False))
 
 
 def _example(folder: Path, entry: Any, index: int, digest) -> RelationExample:

@@ -24,14 +24,14 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from engines.checkpoint import Checkpoint, TrainingState
 from engines.prompts import parse_prompt
 from engines.reference_adapter import ADAPTER_NAME as REFERENCE_ADAPTER
 from engines.reference_adapter import has_adapter
 from engines.references import image_tensor
-from engines.relations.examples import RelationExamples
+from engines.relations.examples import ExampleObject, RelationExample, RelationExamples
 from engines.relations.keypoint_loss import ACTIVE_SHARE, attention_loss, keypoint_matching_loss, predicted_clean
 from engines.subject_files import downsample_curve
 from engines.types import Cancelled, Layout, Region, RelationInfo, RelationTrainRequest, StepProgress
@@ -64,7 +64,7 @@ class TrainedRelation:
 @torch.no_grad()
 def encode_examples(bundle, examples: RelationExamples) -> EncodedExamples:
     side = bundle.native_size
-    items = examples.examples
+    items = examples.examples + (tuple(mirrored(e) for e in examples.examples) if examples.mirror else ())
     pictures = [e.image.convert("RGB").resize((side, side), Image.LANCZOS) for e in items]
     masks = [[_resized_mask(o.mask, side) for o in e.objects] for e in items]  # (side, side) each
     alone = [[_alone(p, m) for m in pair] for p, pair in zip(pictures, masks)]
@@ -83,6 +83,13 @@ def encode_examples(bundle, examples: RelationExamples) -> EncodedExamples:
     prompts = [e.prompt for e in items]
     return EncodedExamples(latents, own, points, valid, latent_masks, _phrase_positions(bundle, items),
                            _text_condition(bundle, prompts))  # fmt: skip
+
+
+def mirrored(example: RelationExample) -> RelationExample:
+    """The example flipped left to right: image, masks, boxes and keypoints."""
+    objects = tuple(ExampleObject(o.phrase, (1 - o.box[2], o.box[1], 1 - o.box[0], o.box[3]), o.mask[:, ::-1].copy(),
+                                  tuple((1 - x, y) for x, y in o.keypoints)) for o in example.objects)  # fmt: skip
+    return RelationExample(ImageOps.mirror(example.image), example.prompt, objects, example.source)
 
 
 def _resized_mask(mask: np.ndarray, side: int) -> np.ndarray:
@@ -214,13 +221,18 @@ def train_relation(bundle, request: RelationTrainRequest, examples: RelationExam
     return TrainedRelation(weights, tuple(curve), seconds + time.perf_counter() - started)
 
 
+def draw_timesteps(count: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """t ~ U{0, …, T−1}, as DreamRelation trains."""
+    return torch.randint(0, steps, (count,), generator=generator)
+
+
 def _step(bundle, scheduler, data: EncodedExamples, request: RelationTrainRequest, record: AttentionRecord,
           optimiser, trainable, generator: torch.Generator) -> float:  # fmt: skip
     device, unet = bundle.device, bundle.pipe.unet
     count = data.latents.shape[0]
     index = torch.randperm(count, generator=generator)[: min(request.batch, count)]  # (B,)
     steps = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (len(index),), generator=generator)  # (B,)
+    timesteps = draw_timesteps(len(index), steps, generator)  # (B,)
     clean = data.latents[index]  # (B, C, h, w)
     noise = torch.randn(clean.shape, generator=generator)
     noisy = scheduler.add_noise(clean, noise, timesteps)  # (B, C, h, w)

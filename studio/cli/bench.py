@@ -11,7 +11,8 @@ from engines.types import GUIDANCE_ALIASES, GUIDANCE_MODES
 from studio.cli.common import add_model_arguments, print_progress, studio_for
 from studio.cli.generate import add_reference_arguments, reference_config
 
-PARTS = ("layout", "subjects", "references")
+PARTS = ("layout", "subjects", "references", "relations")
+DEFAULT_PARTS = ("layout", "subjects", "references")  # relations trains four LoRAs first: asked for by name
 COLUMNS = (
     ("layout_iou", "layout IoU"),
     ("presence", "presence"),
@@ -35,9 +36,10 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument(
         "--parts",
-        default=",".join(PARTS),
+        default=",".join(DEFAULT_PARTS),
         help="comma-separated parts to run: layout (guidance modes), subjects (a trained residual's identity), "
-        "references (identity from photos: residual, references, adapter; 1 and 3 photos; 1 and 3 subjects)",
+        "references (identity from photos: residual, references, adapter; 1 and 3 photos; 1 and 3 subjects), "
+        "relations (learned relations: accuracy with and without their LoRA, identity, training time)",
     )
     parser.add_argument("--no-subjects", action="store_true", help="skip the subjects and references parts")
     parser.add_argument(
@@ -116,6 +118,22 @@ def references_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def relations_table(report: dict) -> str:
+    lines = ["| relation | how it is asked for | images | relation accuracy | both objects found | s/image |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for relation, result in report["relations"].items():
+        for title, m in result["rows"].items():
+            lines.append(f"| {relation} | {title} | {m['images']} | {m['accuracy']:.2f} | {m['found']:.2f} "
+                         f"| {m['seconds_per_image']:.2f} |")  # fmt: skip
+    lines += ["", "| relation | subject identity: no LoRA | LoRA | LoRA + keypoint loss | training s: LoRA | + keypoints |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for relation, result in report["relations"].items():
+        identity, seconds = [m["identity"] for m in result["identity"].values()], result["training_seconds"]
+        cells = [f"{v:.2f}" for v in identity] + [f"{seconds['lora']:.0f}", f"{seconds['lora-keypoints']:.0f}"]
+        lines.append(f"| {relation} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def bench_parts(args: argparse.Namespace) -> tuple[str, ...]:
     from engines.types import InputError
 
@@ -172,6 +190,13 @@ def run(args: argparse.Namespace) -> int:
         adapter = "with" if references["adapter"] else "NO adapter loaded:"
         print(f"\nreferences ({adapter} reference adapter; {references['settings']}), {options.steps} steps")
         print(references_table(references))
+    if "relations" in parts:
+        from evals.relation_bench import run_relation_bench
+
+        relations = report["relations"] = run_relation_bench(studio, options, progress)
+        print(f"\nrelations: LoRAs from {relations['examples']} examples each, held-out colour pairs, "
+              f"{options.steps} steps, CFG {options.cfg}")  # fmt: skip
+        print(relations_table(relations))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
