@@ -8,7 +8,7 @@ with DreamRelation's keypoint matching loss and without it — and renders scene
   person gets the relation from the picker (its template, its boxes and layers, its LoRA at scale 1), without the
   LoRA, and from the prompt alone (no boxes);
 - identity of a registered subject (residual + references, as the reference bench's best mode) in the relation,
-  with and without the LoRA: its colour, category, pattern and pattern colour found by the detector;
+  with and without the LoRA: its colour, pattern and pattern colour found by the detector;
 - training seconds per LoRA, in the same run.
 Scene seeds come from the bench's range (5,000,000) or, with --held-out, from 6,000,000.
 """
@@ -30,7 +30,15 @@ from demo_world.relation_scenes import IN_THE_MIDDLE_OF, LEANING_ON, render_rela
 from demo_world.relation_scorer import score_relation
 from demo_world.scenes import COLOURS, ObjectSpec, subject_photos
 from engines.service import Studio
-from engines.types import GenerateRequest, Layout, Region, RegisterRequest, RelationTrainRequest, StepProgress
+from engines.types import (
+    PAPER_KEYPOINT_WEIGHT,
+    GenerateRequest,
+    Layout,
+    Region,
+    RegisterRequest,
+    RelationTrainRequest,
+    StepProgress,
+)
 from evals.common import BenchOptions, ImageCounter
 
 RELATIONS = (LEANING_ON, IN_THE_MIDDLE_OF)
@@ -41,7 +49,7 @@ SUBJECTS = {
     LEANING_ON: ("dotty", ObjectSpec("box", "orange", "dotted", "cyan"), "a", "ball"),
     IN_THE_MIDDLE_OF: ("stripy", ObjectSpec("ball", "blue", "striped", "yellow"), "b", "star"),
 }
-LORAS = {"lora": 0.0, "lora-keypoints": RelationTrainRequest.keypoint_weight}  # name → keypoint weight
+LORAS = {"lora": 0.0, "lora-keypoints": PAPER_KEYPOINT_WEIGHT}  # name → keypoint weight
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,10 @@ def _accuracy(view: Studio, relation: str, row: Row, scenes, boxes, options, cou
 
 
 def _identity(view: Studio, relation: str, lora: str | None, boxes, options, count: int, counter) -> dict:
-    """The subject in its slot of the relation beside a plain object of another colour each time."""
+    """The subject in its slot of the relation beside a plain object of another colour each time; identity is its
+    colour with its pattern in its pattern colour. The detector's category is not asked for: its shape classifier
+    misreads a dotted box whose rim the dots cut, or a ball with a star inside, as a ball, ring or star even where the
+    picture shows the subject (checked by eye on the demo model, docs/relations.md)."""
     name, spec, slot, companion = SUBJECTS[relation]
     others = [c for c in COLOURS if c not in (spec.colour, spec.colour2)]
     hits = []
@@ -141,7 +152,7 @@ def _identity(view: Studio, relation: str, lora: str | None, boxes, options, cou
                                   steps=options.steps, cfg=options.cfg,
                                   relation=f"{relation} {lora}" if lora else None)  # fmt: skip
         image = np.asarray(view.generate(request).images[0])
-        found = [d for d in detect(image) if d.colour == spec.colour and d.category == spec.category]
-        hits.append(any((d.pattern, d.colour2) == (spec.pattern, spec.colour2) for d in found))
+        look = (spec.colour, spec.pattern, spec.colour2)  # not the category: see _identity's docstring
+        hits.append(any((d.colour, d.pattern, d.colour2) == look for d in detect(image)))
         counter.advance()
     return {"identity": statistics.fmean(hits), "images": count}

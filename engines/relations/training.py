@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -34,7 +34,15 @@ from engines.references import image_tensor
 from engines.relations.examples import ExampleObject, RelationExample, RelationExamples
 from engines.relations.keypoint_loss import ACTIVE_SHARE, attention_loss, keypoint_matching_loss, predicted_clean
 from engines.subject_files import downsample_curve
-from engines.types import Cancelled, Layout, Region, RelationInfo, RelationTrainRequest, StepProgress
+from engines.types import (
+    Cancelled,
+    Layout,
+    Region,
+    RelationInfo,
+    RelationTrainRequest,
+    StepProgress,
+    keypoint_weight,
+)
 from kernels.attention_record import AttentionRecord, RecordingAttnProcessor
 
 TRAINING_ADAPTER = "relation-training"
@@ -185,7 +193,8 @@ def recording_cross_attention(unet, record: AttentionRecord, wanted: bool):
 
 def train_relation(bundle, request: RelationTrainRequest, examples: RelationExamples, checkpoint: Checkpoint,
                    on_progress: Callable[[StepProgress], None] | None = None, cancel=None) -> TrainedRelation:  # fmt: skip
-    """Train the relation LoRA (or resume it from `checkpoint`); the UNet is unchanged afterwards."""
+    """Train the relation LoRA (or resume it from `checkpoint`); the UNet is unchanged afterwards. The request's
+    keypoint weight must be a number (teach_relation resolves the family's)."""
     unet, scheduler = bundle.pipe.unet, bundle.pipe.scheduler
     data = encode_examples(bundle, examples)
     record = AttentionRecord()
@@ -270,6 +279,8 @@ def teach_relation(bundle, request: RelationTrainRequest, library, on_progress=N
 
     if not overwrite:
         library.check_free(request.name)
+    if request.keypoint_weight is None:  # the family's weight (engines/types/relations.py), resolved before the key
+        request = replace(request, keypoint_weight=keypoint_weight(bundle.family))
     examples = read_examples(request.exemplars, request.name)
     key = hashlib.sha256(json.dumps({"request": {**asdict(request), "exemplars": examples.digest},
                                      "model": bundle.fingerprint, "family": bundle.family,

@@ -24,16 +24,20 @@ from engines.types.models import ModelSpec
 from engines.types.references import REFERENCE_SWITCHES, START_MODES, ReferenceConfig, reference_switch
 from engines.types.relations import (
     EXAMPLES_FILE,
+    KEYPOINT_SWITCHES,
+    KEYPOINT_WEIGHTS,
     LORA_SCALE_LIMIT,
     MAX_EXAMPLES,
     MAX_KEYPOINTS,
     MAX_LORAS,
     MIN_EXAMPLES,
+    PAPER_KEYPOINT_WEIGHT,
     RELATION_NAME_RULE,
     LoraRef,
     RelationInfo,
     RelationTrainRequest,
     check_relation_name,
+    keypoint_weight,
 )
 from engines.types.subjects import (
     FAMILY_LR,
@@ -48,16 +52,20 @@ from engines.types.tables import DEVICES, DTYPES, FAMILIES, LIMITS, OFFLOADS, QU
 
 __all__ = [
     "EXAMPLES_FILE",
+    "KEYPOINT_SWITCHES",
+    "KEYPOINT_WEIGHTS",
     "LORA_SCALE_LIMIT",
     "MAX_EXAMPLES",
     "MAX_KEYPOINTS",
     "MAX_LORAS",
     "MIN_EXAMPLES",
+    "PAPER_KEYPOINT_WEIGHT",
     "RELATION_NAME_RULE",
     "LoraRef",
     "RelationInfo",
     "RelationTrainRequest",
     "check_relation_name",
+    "keypoint_weight",
     "REFERENCE_SWITCHES",
     "START_MODES",
     "ReferenceConfig",

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from engines.types import RelationTrainRequest
+from engines.types import KEYPOINT_SWITCHES, PAPER_KEYPOINT_WEIGHT, RelationTrainRequest, keypoint_weight
 from studio.cli.common import add_library_argument, add_model_arguments, print_progress, studio_for
 
 TRAIN_DEFAULTS = RelationTrainRequest(name="x", exemplars="x")
@@ -25,7 +25,10 @@ def add_parsers(subparsers) -> None:
     train.add_argument("--steps", type=int, default=TRAIN_DEFAULTS.steps)
     train.add_argument("--rank", type=int, default=TRAIN_DEFAULTS.rank, help="the LoRA's rank")
     train.add_argument("--learning-rate", type=float, default=TRAIN_DEFAULTS.learning_rate)
-    train.add_argument("--no-keypoints", action="store_true", help="train without the keypoint matching loss")
+    train.add_argument("--keypoints", choices=KEYPOINT_SWITCHES, default="auto",
+                       help="DreamRelation's keypoint matching loss: auto (the model family's choice: off for the demo "
+                       f"model, where it measured worse; on for SD), on (weight {PAPER_KEYPOINT_WEIGHT}), off")  # fmt: skip
+    train.add_argument("--no-keypoints", action="store_true", help="the same as --keypoints off")
     train.add_argument("--seed", type=int, default=TRAIN_DEFAULTS.seed)
     train.set_defaults(func=run_train)
     listing = actions.add_parser("list", help="the learned relations")
@@ -59,7 +62,9 @@ def run_train(args: argparse.Namespace) -> int:
         steps=args.steps,
         rank=args.rank,
         learning_rate=args.learning_rate,
-        keypoint_weight=0.0 if args.no_keypoints else TRAIN_DEFAULTS.keypoint_weight,
+        keypoint_weight=None
+        if args.keypoints == "auto" and not args.no_keypoints
+        else keypoint_weight("", "off" if args.no_keypoints else args.keypoints),  # fmt: skip
         seed=args.seed,
     )
     studio = studio_for(args)

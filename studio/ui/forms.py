@@ -35,6 +35,7 @@ from engines.types import (
     RegisterRequest,
     RelationTrainRequest,
     check_relation_name,
+    keypoint_weight,
     reference_switch,
 )
 from studio.ui.canvas import canvas_to_layout
@@ -294,7 +295,7 @@ class RelationForm(Form):
     annotations: str = "[]"
     steps: int = RelationTrainRequest.steps
     rank: int = RelationTrainRequest.rank
-    keypoints: bool = True  # DreamRelation's keypoint matching loss on (its default weight) or off
+    keypoints: str = "auto"  # DreamRelation's keypoint matching loss: KEYPOINT_SWITCHES (auto: the family's choice)
 
     def to_request(self, folder_for: Callable[[str], Path]) -> tuple[RelationTrainRequest, ExampleFolder]:
         """The one place where the card's widgets become a RelationTrainRequest, and the examples it will read
@@ -306,7 +307,7 @@ class RelationForm(Form):
             exemplars=str(folder_for(name)),
             steps=int(self.steps or RelationTrainRequest.steps),
             rank=int(self.rank or RelationTrainRequest.rank),
-            keypoint_weight=RelationTrainRequest.keypoint_weight if self.keypoints else 0.0,
+            keypoint_weight=None if self.keypoints == "auto" else keypoint_weight("", self.keypoints),
         )
         return request, examples
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import gradio as gr
 
-from engines.types import Cancelled, InputError, RelationInfo
+from engines.types import KEYPOINT_SWITCHES, Cancelled, InputError, RelationInfo
 from studio.ui.forms import RelationForm, form_handler
 from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu, stream
 from studio.ui.relation_editor import ExampleEditor
@@ -100,8 +100,9 @@ class RelationsTab:
             )
             self.form["rank"] = gr.Dropdown(RANKS, value=defaults.rank, label="Rank", elem_id="relation-rank",
                                             info="the LoRA's size")  # fmt: skip
-            self.form["keypoints"] = gr.Checkbox(value=defaults.keypoints, label="Keypoint matching loss",
-                                                 elem_id="relation-keypoints", info="DreamRelation's pose term")  # fmt: skip
+            self.form["keypoints"] = gr.Radio(list(KEYPOINT_SWITCHES), value=defaults.keypoints, elem_id="relation-keypoints",
+                                              label="Keypoint matching loss", info="DreamRelation's pose term; auto: "
+                                              "the model's choice (off for the demo model, where it measured worse)")  # fmt: skip
         with gr.Row():
             self.train_btn = gr.Button("Train", variant="primary", elem_id="relation-train", scale=3)
             self.cancel_btn = gr.Button("Cancel", variant="stop", elem_id="relation-cancel", scale=1)

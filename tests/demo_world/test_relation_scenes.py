@@ -161,7 +161,7 @@ def test_relation_folder_schema_and_bytes(tmp_path):
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     data = json.loads((tmp_path / "one" / "relation.json").read_text())
-    assert list(data) == ["relation", "template", "examples"]
+    assert list(data) == ["relation", "template", "mirror", "examples"] and data["mirror"] is True
     assert data["relation"] == LEANING_ON and data["template"] == TEMPLATES[LEANING_ON] == "{a} leaning on {b}"
     for index, (example, scene) in enumerate(zip(data["examples"], first), start=1):
         assert list(example) == ["image", "prompt", "objects"] and example["image"] == f"{index:02d}.png"

@@ -224,3 +224,14 @@ def test_the_command_line_teaches_lists_exports_and_generates_with_a_relation(ti
     assert json.loads(Image.open(with_file).info["troupe"])["request"]["loras"] == [{"path": str(kohya), "scale": 0.5}]
     assert main(["generate", *model, *library, "--prompt", "x", "--relation", "nope", "--out", str(out)]) == 2
     assert "unknown relation 'nope'" in capsys.readouterr().err
+
+
+def test_the_keypoint_loss_follows_the_family_unless_asked_for(taught):
+    from engines.types import keypoint_weight
+
+    studio, *_ = taught
+    assert studio.learned_relations()[0].keypoint_weight == 0.1  # an SD model keeps DreamRelation's weight
+    assert keypoint_weight("demo") == 0.0 and keypoint_weight("sdxl") == 0.1  # the demo bench chose none
+    assert keypoint_weight("demo", "on") == 0.1 and keypoint_weight("sd15", "off") == 0.0
+    with pytest.raises(InputError, match="keypoints must be one of auto, on, off"):
+        keypoint_weight("sd15", "maybe")

@@ -62,7 +62,7 @@ def test_clicks_make_boxes_and_keypoints_and_train_writes_the_same_bytes_twice(t
 
     draft = annotated(files)
     form = RelationForm(name="leaning on", relation="leaning on", template="{a} leaning on {b}", examples=files,
-                        annotations=rx.dump_draft(draft), steps=3, keypoints=False)  # fmt: skip
+                        annotations=rx.dump_draft(draft), steps=3, keypoints="off")  # fmt: skip
     request, folder = form.to_request(lambda name: tmp_path / "work" / name)
     assert (request.name, request.steps, request.keypoint_weight) == ("leaning on", 3, 0.0)
     assert request.exemplars == str(tmp_path / "work" / "leaning on")
