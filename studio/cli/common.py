@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from engines.types import DTYPES, OFFLOADS, QUANTIZATIONS, ModelSpec, StepProgress
 
@@ -50,6 +52,19 @@ def studio_for(args: argparse.Namespace, with_model: bool = True):
     from engines.service import Studio
 
     return Studio(model_spec(args) if with_model else None, getattr(args, "library", None))
+
+
+def train_with_progress(args: argparse.Namespace, train):
+    """Load the model, then run `train(studio, on_progress, cancel)` with one progress line; Ctrl-C sets `cancel`, so
+    the trainer stops between steps and keeps its checkpoint (the same command resumes)."""
+    studio = studio_for(args)
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    try:
+        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+        return train(studio, print_progress, cancel)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def print_progress(progress: StepProgress, unit: str = "step") -> None:

@@ -4,13 +4,10 @@ nothing and keeps the photos for reference attention)."""
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 import textwrap
-import threading
 
 from engines.types import LIMITS, REGISTER_PRESETS, RegisterRequest
-from studio.cli.common import add_library_argument, add_model_arguments, print_progress, studio_for
+from studio.cli.common import add_library_argument, add_model_arguments, train_with_progress
 
 
 def add_parsers(subparsers) -> None:
@@ -60,14 +57,7 @@ def run(args: argparse.Namespace) -> int:
         use_masks=not args.no_masks,
         seed=args.seed,
     )
-    studio = studio_for(args)
-    cancel = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # stop between steps, keep a checkpoint
-    try:
-        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-        info = studio.register(request, on_progress=print_progress, cancel=cancel)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    info = train_with_progress(args, lambda studio, progress, cancel: studio.register(request, progress, cancel))
     trained = f"{info.steps} steps" if info.has_residual else "instant: no training"
     print(f"registered <{info.name}> ({info.class_word}, {info.family}, {trained}; {info.holds})")
     return 0

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 
 from engines.types import KEYPOINT_SWITCHES, PAPER_KEYPOINT_WEIGHT, RelationTrainRequest, keypoint_weight
-from studio.cli.common import add_library_argument, add_model_arguments, print_progress, studio_for
+from studio.cli.common import add_library_argument, add_model_arguments, studio_for, train_with_progress
 
 TRAIN_DEFAULTS = RelationTrainRequest(name="x", exemplars="x")
 
@@ -67,14 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
         else keypoint_weight("", "off" if args.no_keypoints else args.keypoints),  # fmt: skip
         seed=args.seed,
     )
-    studio = studio_for(args)
-    cancel = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # stop between steps, keep a checkpoint
-    try:
-        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-        info = studio.teach_relation(request, on_progress=print_progress, cancel=cancel)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    info = train_with_progress(args, lambda studio, progress, cancel: studio.teach_relation(request, progress, cancel))
     first, last = (info.loss_curve[0], info.loss_curve[-1]) if info.loss_curve else (0.0, 0.0)
     print(f"learned '{info.name}' ({info.template}) from {info.examples} examples: {info.steps} steps, "
           f"{info.seconds:.0f}s, loss {first:.4f} → {last:.4f}")  # fmt: skip
