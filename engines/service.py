@@ -180,10 +180,13 @@ class Studio:
 
     def teach_relation(self, request: RelationTrainRequest, on_progress: ProgressCallback | None = None,
                        cancel: threading.Event | None = None) -> RelationInfo:  # fmt: skip
+        from engines.relations.examples import read_examples
         from engines.relations.training import teach_relation
 
+        self.relation_library.check_free(request.name)
+        examples = read_examples(request.exemplars, request.name)  # every check before the model loads
         with self._gpu:
-            return teach_relation(self.bundle, request, self.relation_library, on_progress, cancel)
+            return teach_relation(self.bundle, request, self.relation_library, on_progress, cancel, examples=examples)
 
     def relation_uploads_dir(self, name: str) -> Path:
         """Where the studio writes the examples of a relation drawn in the browser."""

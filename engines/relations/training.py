@@ -272,16 +272,16 @@ def _step(bundle, scheduler, data: EncodedExamples, request: RelationTrainReques
 
 
 def teach_relation(bundle, request: RelationTrainRequest, library, on_progress=None, cancel=None,
-                   overwrite: bool = False) -> RelationInfo:  # fmt: skip
-    """Read the examples (every check before any work), train, and add the relation to `library`. A cancelled or
-    killed run leaves only its checkpoint; the same request resumes it."""
+                   overwrite: bool = False, examples: RelationExamples | None = None) -> RelationInfo:  # fmt: skip
+    """Read the examples (every check before any work; `examples` when the caller read them already), train, and add
+    the relation to `library`. A cancelled or killed run leaves only its checkpoint; the same request resumes it."""
     from engines.relations.examples import read_examples
 
     if not overwrite:
         library.check_free(request.name)
     if request.keypoint_weight is None:  # the family's weight (engines/types/relations.py), resolved before the key
         request = replace(request, keypoint_weight=keypoint_weight(bundle.family))
-    examples = read_examples(request.exemplars, request.name)
+    examples = examples or read_examples(request.exemplars, request.name)
     key = hashlib.sha256(json.dumps({"request": {**asdict(request), "exemplars": examples.digest},
                                      "model": bundle.fingerprint, "family": bundle.family,
                                      "device": bundle.device.type}, sort_keys=True).encode()).hexdigest()  # fmt: skip
