@@ -72,11 +72,33 @@ class BoxFitter:
             with torch.enable_grad():
                 model_input = model_input.detach().requires_grad_(True)
                 with self.record.capture() as recorded:
-                    self.unet(model_input, timestep, **conditioning)
+                    self._attend(model_input, timestep, conditioning)
                 energy = layout_energy(recorded, self.region_positions)
                 (gradient,) = torch.autograd.grad(energy, model_input)
             model_input = model_input.detach() - step * gradient
         return with_norm_of(latents, model_input / factor).to(latents.dtype)
+
+    def _attend(self, model_input: torch.Tensor, timestep, conditioning: dict) -> None:
+        """Run the UNet as far as the energy reads: to its end, or (depth "coarse") up to its middle block, whose
+        output nothing here needs — the coarse layers are where objects are placed and sized."""
+        if self.config.fit_depth == "full":
+            self.unet(model_input, timestep, **conditioning)
+            return
+        hook = self.unet.mid_block.register_forward_hook(_stop_forward)
+        try:
+            self.unet(model_input, timestep, **conditioning)
+        except _StopForward:
+            pass
+        finally:
+            hook.remove()
+
+
+class _StopForward(Exception):
+    """Raised after the UNet's middle block when box fitting reads the coarse layers only."""
+
+
+def _stop_forward(*_) -> None:
+    raise _StopForward()
 
 
 def with_norm_of(reference: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ size instead of the model's habitual size."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from engines.generate import Generator
 from engines.layout import build_maps
 from engines.models import DEMO_MODEL_DIR
 from engines.prompt_subjects import PromptSubjects
-from engines.types import GenerateRequest, GuidanceConfig, InputError, Layout, Region
+from engines.types import GUIDANCE_MODES, GenerateRequest, GuidanceConfig, InputError, Layout, Region
 
 PROMPT = "a photo of dog and cat on the beach"
 LAYOUT = Layout((Region("dog", (0.0, 0.0, 1 / 3, 1.0)), Region("cat", (0.5, 0.25, 1.0, 0.75), layer=1)))
@@ -105,6 +107,29 @@ def test_fitting_works_without_forward_guidance(sd15):
     assert np.abs(fitted - unguided).mean() > 0
 
 
+def test_coarse_fitting_reads_only_the_down_and_middle_layers_and_still_lowers_the_energy(sd15):
+    """The quick mode's fitting stops the UNet after its middle block: no up block runs, the energy still falls."""
+    calls = []
+    hooks = [block.register_forward_pre_hook(lambda *_: calls.append(1)) for block in sd15.pipe.unet.up_blocks]
+    try:
+        coarse = dataclasses.replace(GuidanceConfig(fit_scale=3000.0).fitted(), fit_depth="coarse")
+        before, after, latents, fitted = one_fit(sd15, coarse)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_forward = len(sd15.pipe.unet.up_blocks)
+    assert len(calls) == 2 * per_forward  # the two energy measurements only: fitting's 3 forwards ran no up block
+    assert after < before - 1e-4 and (fitted - latents).norm() > 0
+
+
+def test_a_png_from_before_fit_depth_fits_as_it_did():
+    """Old PNGs have no fit_depth: reading them gives the full depth they were made with."""
+    saved = GenerateRequest(PROMPT, layout=LAYOUT, guidance=GuidanceConfig().fitted()).to_dict()
+    del saved["guidance"]["fit_depth"]
+    assert GenerateRequest.from_dict(saved).guidance.fit_depth == "full"
+    assert GUIDANCE_MODES["troupe-quick-fit"].config.fit_depth == "coarse"
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -114,10 +139,11 @@ def test_fitting_works_without_forward_guidance(sd15):
         ("fit_fraction", 1.5),
         ("fit_scale", -1.0),
         ("fit_scale", float("nan")),
+        ("fit_depth", "shallow"),
     ],
 )
 def test_bad_fitting_settings_are_refused_with_their_name(field, value):
-    with pytest.raises(InputError, match="box-fitting|fit_scale|fit_fraction"):
+    with pytest.raises(InputError, match="box-fitting|fit_scale|fit_fraction|fit_depth"):
         GuidanceConfig(**{field: value})
 
 
