@@ -6,7 +6,8 @@
     python -m evals.guidance_speed --random-arch sdxl --size 1024 --steps 20
 
 Prints seconds per image for: no layout; two regions (Troupe's default guidance); two regions with self-attention
-bounded; the public Cones 2 settings — and each one's overhead over the unguided run. Median of --repeats runs
+bounded; the public Cones 2 settings; box fitting and quick box fitting — and each one's overhead over the unguided
+run. Median of --repeats runs
 per case after a warm-up of each; the cases take turns, so drift and warm-up hit them all alike.
 """
 
@@ -21,7 +22,7 @@ import torch
 
 from engines.generate import Generator
 from engines.models import ModelBundle, load_model, resolve_device
-from engines.types import GenerateRequest, GuidanceConfig, Layout, ModelSpec, Region
+from engines.types import GUIDANCE_MODES, GenerateRequest, GuidanceConfig, Layout, ModelSpec, Region
 from evals.random_models import random_bundle
 
 PROMPT = "a photo of dog and cat on the beach"
@@ -31,6 +32,8 @@ CASES = {
     "2 regions, Troupe default": (LAYOUT, GuidanceConfig()),
     "2 regions, + bounded self-attention": (LAYOUT, GuidanceConfig(bound_self_attention=True)),
     "2 regions, Cones 2 public settings": (LAYOUT, GuidanceConfig.cones2_public()),
+    "2 regions, + box fitting": (LAYOUT, GUIDANCE_MODES["troupe-fitted"].config),
+    "2 regions, + quick box fitting": (LAYOUT, GUIDANCE_MODES["troupe-quick-fit"].config),
 }
 
 
