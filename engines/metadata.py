@@ -1,15 +1,21 @@
-"""PNG metadata in and out: our own JSON chunk (the whole request) plus an A1111-style `parameters` chunk."""
+"""PNG metadata in and out: our own JSON chunk (the whole request) plus an A1111-style `parameters` chunk.
+
+A1111's and ComfyUI's own PNGs are read as a starting request by engines/png_import.py."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from engines.types import SCHEDULERS, GenerateRequest, InputError, ReferenceConfig
+from engines.types import GenerateRequest, InputError, ReferenceConfig
+from engines.types.tables import sampler_title
 
 CHUNK = "troupe"
 FORMAT_VERSION = 2  # 2: requests carry `references`; a version-1 image was made before they existed
@@ -26,11 +32,12 @@ def a1111_parameters(request: GenerateRequest, bundle: Any) -> str:
     size = f"{request.width or bundle.native_size}x{request.height or bundle.native_size}"
     fields = [
         ("Steps", request.steps),
-        ("Sampler", SCHEDULERS[request.scheduler].title),
+        ("Sampler", ran_sampler(request.scheduler, bundle)),
         ("CFG scale", request.cfg),
         ("Seed", request.seed),
         ("Size", size),
-        ("Model", bundle.spec.source),
+        ("Model hash", model_hash(bundle.spec.source)),
+        ("Model", model_name(bundle.spec.source)),
     ]
     if request.layout.regions:
         fields.append(("Troupe regions", json.dumps([[r.label, list(r.box), r.layer] for r in request.layout.regions])))
@@ -38,9 +45,84 @@ def a1111_parameters(request: GenerateRequest, bundle: Any) -> str:
         fields.append(("Troupe relation", f"{request.relation} ({request.relation_scale:g})"))
     if request.loras:  # A1111 writes its LoRAs into the prompt; a field keeps Troupe's prompt as it was typed
         fields.append(("LoRAs", " ".join(f"{Path(lora.path).stem}:{lora.scale:g}" for lora in request.loras)))
-    line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields)
+    line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields if value is not None)
     negative = f"\nNegative prompt: {request.negative_prompt}" if request.negative_prompt else ""
     return f"{request.prompt}{negative}\n{line}"
+
+
+def ran_sampler(key: str, bundle: Any) -> str:
+    """The A1111 name of the sampler that runs `key` on this model ("default" runs the model's own scheduler, which
+    is the pipeline's scheduler outside a generation: engines/generate.py swaps it only while denoising)."""
+    scheduler = getattr(getattr(bundle, "pipe", None), "scheduler", None)
+    config = dict(getattr(scheduler, "config", None) or {})
+    return sampler_title(key, type(scheduler).__name__, config)
+
+
+def model_name(source: str) -> str:
+    """What A1111's `Model` field holds: a checkpoint's or folder's name (never the person's whole path), a Hub id."""
+    path = Path(source).expanduser()
+    if source == "demo" or not path.exists():
+        return source
+    return path.stem if path.is_file() else path.resolve().name
+
+
+def model_hash(source: str) -> str | None:
+    """A1111's `Model hash`: the first 10 hex digits of the sha256 of a checkpoint file. A diffusers folder has no
+    one file, so its hash is taken over its components' files (names and contents); a Hub model's is the first 10
+    digits of the cached revision (a commit id names the exact weights on the Hub). None when neither is known."""
+    from engines.models import DEMO_MODEL_DIR  # torch: only when a PNG is written, never on import
+
+    path = (DEMO_MODEL_DIR if source == "demo" else Path(source).expanduser()).resolve()
+    if path.is_file() or path.is_dir():
+        files = [path] if path.is_file() else _component_files(path)
+        return _hash_files(path, tuple((f, *_stamp(f)) for f in files))[:10]
+    return _hub_revision(source)
+
+
+def _component_files(folder: Path) -> list[Path]:
+    """model_index.json and everything in the components' folders (a README or an adapter beside them is not the
+    model)."""
+    index = folder / "model_index.json"
+    inside = [f for f in folder.glob("*/**/*") if f.is_file() and not any(p.startswith(".") for p in f.parts)]
+    return sorted(([index] if index.is_file() else []) + inside)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(root: Path, files: tuple[tuple[Path, int, int], ...]) -> str:
+    """sha256 of one file, or of each file's relative name and sha256; cached on (size, mtime), since a checkpoint
+    of several GB takes seconds to read."""
+    if len(files) == 1 and files[0][0] == root:
+        return _sha256(root)
+    digest = hashlib.sha256()
+    for file, _size, _mtime in files:
+        digest.update(f"{file.relative_to(root).as_posix()}\0{_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    """The commit of the cached snapshot of a Hub model (read from the local cache only: no network)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    if not isinstance(cached, str):
+        return None
+    commit = Path(cached).parent.name  # .../snapshots/<commit>/model_index.json
+    return commit[:10] if re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
 def _quote(value: Any) -> str:
@@ -61,7 +143,7 @@ def save_png(image: Image.Image, path: Path) -> Path:
 
 def read_request(source: str | Path | Image.Image) -> GenerateRequest:
     """The request that made a Troupe PNG (seed included), ready to generate again or to edit."""
-    image = source if isinstance(source, Image.Image) else _open(Path(source))
+    image = source if isinstance(source, Image.Image) else open_image(Path(source))
     text = image.info.get(CHUNK) or getattr(image, "text", {}).get(CHUNK)
     if not text:
         raise InputError("this image carries no Troupe settings (was it made by Troupe and saved as PNG?)")
@@ -76,7 +158,7 @@ def read_request(source: str | Path | Image.Image) -> GenerateRequest:
     return request
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()

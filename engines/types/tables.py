@@ -36,19 +36,58 @@ LIMITS = Limits()
 class Sampler:
     """A sampler as people name it (A1111's names) and the diffusers scheduler that runs it."""
 
-    title: str
+    title: str  # A1111's name: what the UI, the CLI's help and the PNG's `parameters` say
     scheduler: str | None  # a diffusers scheduler class; None keeps the model's own
-    options: tuple[tuple[str, Any], ...] = ()  # passed to `from_config`
+    options: tuple[tuple[str, Any], ...] = ()  # passed to `from_config`; the PNG's sampler is found by them too
+    comfyui: str | None = None  # ComfyUI's `sampler_name` for it (with its "karras" schedule when `karras`)
+
+    @property
+    def karras(self) -> bool:
+        return dict(self.options).get("use_karras_sigmas", False)
 
 
+_KARRAS = (("use_karras_sigmas", True),)
+_NO_KARRAS = (("use_karras_sigmas", False),)  # stated, so a model whose own config has Karras sigmas still gets these
+_DPMPP_2M = (("algorithm_type", "dpmsolver++"), ("solver_order", 2))
+
+# The keys are what requests (and every PNG made so far) store; "default", "ddim", "euler", "euler_a", "dpmpp_2m",
+# "lms" and "pndm" are older than the A1111 titles and must keep their meaning.
 SCHEDULERS: dict[str, Sampler] = {
-    "default": Sampler("Default", None),
-    "ddim": Sampler("DDIM", "DDIMScheduler"),
-    "euler": Sampler("Euler", "EulerDiscreteScheduler"),
-    "euler_a": Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
-    "dpmpp_2m": Sampler(
-        "DPM++ 2M", "DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"), ("solver_order", 2))
-    ),
-    "lms": Sampler("LMS", "LMSDiscreteScheduler"),
-    "pndm": Sampler("PNDM", "PNDMScheduler", (("skip_prk_steps", True),)),
+    "default": Sampler("Default", None),  # the model's own; the PNG names the sampler that ran (engines/metadata.py)
+    "euler": Sampler("Euler", "EulerDiscreteScheduler", _NO_KARRAS, "euler"),
+    "euler_a": Sampler("Euler a", "EulerAncestralDiscreteScheduler", (), "euler_ancestral"),
+    "dpmpp_2m": Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", _DPMPP_2M + _NO_KARRAS, "dpmpp_2m"),
+    "dpmpp_2m_karras": Sampler("DPM++ 2M Karras", "DPMSolverMultistepScheduler", _DPMPP_2M + _KARRAS, "dpmpp_2m"),
+    # diffusers' DPMSolverSDEScheduler draws its noise with torchsde's Brownian tree (a runtime requirement)
+    "dpmpp_sde_karras": Sampler("DPM++ SDE Karras", "DPMSolverSDEScheduler", _KARRAS, "dpmpp_sde"),
+    "ddim": Sampler("DDIM", "DDIMScheduler", (), "ddim"),
+    "unipc": Sampler("UniPC", "UniPCMultistepScheduler", _NO_KARRAS, "uni_pc"),
+    "lms": Sampler("LMS", "LMSDiscreteScheduler", _NO_KARRAS, "lms"),
+    "heun": Sampler("Heun", "HeunDiscreteScheduler", _NO_KARRAS, "heun"),
+    "lcm": Sampler("LCM", "LCMScheduler", (), "lcm"),  # for LCM-distilled models and LCM LoRAs
+    "pndm": Sampler("PLMS", "PNDMScheduler", (("skip_prk_steps", True),)),  # A1111's PLMS is PNDM without its PRK steps
 }
+SAMPLER_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_lms": "lms"}  # older spellings
+
+
+def sampler_key(name: str) -> str | None:
+    """The key of SCHEDULERS for a key, an A1111 title or an alias, in any case; None when there is none."""
+    wanted = " ".join(name.strip().lower().replace("_", " ").split())
+    for key, sampler in SCHEDULERS.items():
+        if wanted in (key.replace("_", " "), sampler.title.lower()):
+            return key
+    return SAMPLER_ALIASES.get(wanted.replace(" ", "_"))
+
+
+def sampler_title(key: str, scheduler_class: str, config: dict[str, Any]) -> str:
+    """The A1111 name of the sampler that ran: the table's title, or for "default" the entry matching the model's
+    own scheduler (its class and every option it sets); a scheduler the table lacks is named by its class."""
+    if SCHEDULERS[key].scheduler is not None:
+        return SCHEDULERS[key].title
+    for sampler in SCHEDULERS.values():
+        defaults = {"use_karras_sigmas": False}  # a config without the option has none
+        if sampler.scheduler == scheduler_class and all(
+            config.get(option, defaults.get(option)) == value for option, value in sampler.options
+        ):
+            return sampler.title
+    return scheduler_class.removesuffix("Scheduler")

@@ -44,6 +44,7 @@ def settings_card(form: dict[str, Any], native: int) -> dict[str, Any]:
                 value=defaults.sampler,
                 label="Sampler",
                 elem_id="sampler",
+                info="A1111's names; Default: the model's own",
             )
             form["images"] = gr.Slider(
                 1, LIMITS.images, value=defaults.images, step=1, label="Images", elem_id="num-images"
