@@ -118,6 +118,13 @@ class Studio:
 
         return read_request(png_path)
 
+    def open_png(self, png_path: str | Path):
+        """The settings of a Troupe, A1111 or ComfyUI PNG as an engines.types.opened.OpenedImage (the request and
+        what of another tool's settings could not be carried over)."""
+        from engines.png_import import open_png
+
+        return open_png(png_path)
+
     # Subjects -------------------------------------------------------------------------------------------------
     @property
     def library(self):

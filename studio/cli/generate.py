@@ -20,6 +20,7 @@ from engines.types import (
     ReferenceConfig,
     Region,
 )
+from engines.types.tables import sampler_key
 from studio.cli.common import add_library_argument, add_model_arguments, print_progress, studio_for
 
 
@@ -31,11 +32,19 @@ def add_parsers(subparsers) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument(
+        "--reuse",
+        default=None,
+        metavar="PNG",
+        help="start from the settings of a PNG made by Troupe, A1111 or ComfyUI; --prompt, --negative, --seed, --steps, "
+        "--cfg, --scheduler, --width, --height, --num-images and --box override them when given",
+    )
+    parser.add_argument(
         "--prompt",
         default=None,
+        action=Given,
         help="the picture; <name> stands for a registered subject (with --pair: the scene around them)",
     )
-    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--negative", default="", action=Given, help="negative prompt")
     parser.add_argument(
         "--box",
         action="append",
@@ -44,18 +53,28 @@ def add_parsers(subparsers) -> None:
         help="a region: words of the prompt (or <name>) and a box in [0,1]; later boxes are in front "
         "unless @layer says otherwise",
     )
-    parser.add_argument("--seed", type=int, default=None, help="random if omitted (it is printed)")
-    parser.add_argument("--steps", type=int, default=20, help=f"1..{LIMITS.steps}")
-    parser.add_argument("--cfg", type=float, default=7.5, help=f"0..{LIMITS.cfg:g}")
-    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default="default")
-    parser.add_argument("--width", type=int, default=None, help="the model's native size if omitted")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--num-images", type=int, default=1, help=f"1..{LIMITS.images}")
+    parser.add_argument("--seed", type=int, default=None, action=Given, help="random if omitted (it is printed)")
+    parser.add_argument("--steps", type=int, default=20, action=Given, help=f"1..{LIMITS.steps}")
+    parser.add_argument("--cfg", type=float, default=7.5, action=Given, help=f"0..{LIMITS.cfg:g}")
+    parser.add_argument(
+        "--scheduler",
+        "--sampler",
+        type=scheduler_choice,
+        default="default",
+        action=Given,
+        metavar="NAME",
+        help="A1111's sampler names: " + ", ".join(f"'{s.title}'" for s in SCHEDULERS.values())
+        + " (Default: the model's own); the keys (" + ", ".join(SCHEDULERS) + ") work too",
+    )  # fmt: skip
+    parser.add_argument("--width", type=int, default=None, action=Given, help="the model's native size if omitted")
+    parser.add_argument("--height", type=int, default=None, action=Given)
+    parser.add_argument("--num-images", type=int, default=1, action=Given, help=f"1..{LIMITS.images}")
     parser.add_argument(
         "--guidance",
         choices=list(GUIDANCE_MODES),
         default="troupe",
-        help="; ".join(f"{name}: {mode.about}" for name, mode in GUIDANCE_MODES.items()),
+        # argparse expands %-formats in help: a mode's "35%" would crash --help
+        help="; ".join(f"{name}: {mode.about}" for name, mode in GUIDANCE_MODES.items()).replace("%", "%%"),
     )
     parser.add_argument("--strength", type=float, default=None, help="override the guidance strength")
     parser.add_argument("--bound-self-attention", action="store_true", help="keep regions apart in self-attention too")
@@ -129,6 +148,41 @@ def add_reference_arguments(parser: argparse.ArgumentParser, switches: bool = Tr
         default=defaults.start_strength,
         help="with --start collage: the share of the steps that are run, in (0, 1]",
     )
+
+
+class Given(argparse.Action):
+    """Stores the value and notes that it was typed, so that with --reuse only the options given override the
+    PNG's settings (a value equal to the default still counts)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+def scheduler_choice(text: str) -> str:
+    """A sampler by A1111's name or by its key, in any case: the key of SCHEDULERS."""
+    key = sampler_key(text)
+    if key is None:
+        names = ", ".join(s.title for s in SCHEDULERS.values())
+        raise argparse.ArgumentTypeError(f"unknown sampler '{text}' (choose from {names})")
+    return key
+
+
+REUSED = ("prompt", "negative", "seed", "steps", "cfg", "scheduler", "width", "height", "num_images")
+REQUEST_FIELD = {"negative": "negative_prompt"}  # the options whose request field is named otherwise
+
+
+def reused_request(args: argparse.Namespace, studio) -> GenerateRequest:
+    """--reuse PNG: the image's request, with the options typed on the command line (and --box) over it; what of
+    another tool's settings could not be carried over is said on one line."""
+    opened = studio.open_png(args.reuse)
+    if opened.note:
+        print(f"note: {opened.note}", file=sys.stderr)
+    given = getattr(args, "given", set())
+    changes = {REQUEST_FIELD.get(name, name): getattr(args, name) for name in REUSED if name in given}
+    if args.box:
+        changes["layout"] = Layout(tuple(parse_box(text, i) for i, text in enumerate(args.box)))
+    return dataclasses.replace(opened.request, **changes)
 
 
 def parse_box(text: str, order: int) -> Region:
@@ -205,7 +259,9 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     studio = studio_for(args)
-    if args.pair:
+    if args.reuse:
+        request = reused_request(args, studio)
+    elif args.pair:
         if not args.relation:
             raise InputError("--pair A B fills a relation's template: name it with --relation")
         prompt, layout = studio.apply_relation(args.relation, list(args.pair), args.prompt or "")

@@ -166,7 +166,7 @@ class ComposeTab:
         with gr.Accordion("Reuse · save · open", open=True, elem_classes="tr-card"):
             with gr.Row():
                 self.reuse_btn = gr.Button("Reuse settings of selected result", size="sm", elem_id="reuse-btn")
-                self.png_in = gr.UploadButton("Open a Troupe PNG", file_types=[".png"], size="sm", elem_id="open-png")
+                self.png_in = gr.UploadButton("Open a PNG", file_types=[".png"], size="sm", elem_id="open-png")
             with gr.Row():
                 self.save_btn = gr.Button("Save project", size="sm", elem_id="save-project")
                 self.project_in = gr.UploadButton(
@@ -331,10 +331,14 @@ class ComposeTab:
         return self._apply(self.sessions.studio_for(request).read_request(path), request)
 
     def open_png(self, file: Any, request: gr.Request) -> tuple[Any, ...]:
+        """A Troupe PNG's settings, or an A1111 or ComfyUI PNG's as a start; what did not carry over is one toast."""
         path = getattr(file, "name", file)
         if not path or Path(path).suffix.lower() != ".png":
-            raise InputError("open a PNG made by Troupe")
-        return self._apply(self.sessions.studio_for(request).read_request(path), request)
+            raise InputError("open a PNG made by Troupe, A1111 or ComfyUI")
+        opened = self.sessions.studio_for(request).open_png(path)
+        if opened.note:
+            gr.Warning(opened.note)
+        return self._apply(opened.request, request)
 
     def save_project(self, form: GenerateForm, request: gr.Request) -> Any:
         """The composition as a .troupe.json (offered as a download)."""
