@@ -41,8 +41,10 @@ from engines.subject_files import (
     check_residuals,
     downsample_curve,
     fsync,
+    pack_export,
     photo_loss,
     to_image,
+    unpack_export,
     validate_meta,
 )
 from engines.types import InputError, SubjectInfo, check_subject_name
@@ -287,14 +289,15 @@ class SubjectLibrary:
         has_residual = self.get(name).has_residual
         if not has_residual and not include_photos:
             raise InputError(f"'{name}' is an instant subject: its photos are all it has, so export them too")
-        tensors = dict(self.residuals(name)) if has_residual else {}
+        residuals = dict(self.residuals(name)) if has_residual else {}
         images = [("thumbnail", THUMBNAIL)] if (folder / THUMBNAIL).is_file() else []
         if include_photos:
             images += [(f"photo.{i}", p) for i, p in enumerate(meta.get("photos", []))]
             images += [(f"mask.{i}", p) for i, p in enumerate(meta.get("masks", []))]
+        images_out = {}
         for key, file_name in images:
             with Image.open(folder / file_name) as image:
-                tensors[key] = torch.from_numpy(np.array(image.convert("L" if key.startswith("mask") else "RGB")))
+                images_out[key] = torch.from_numpy(np.array(image.convert("L" if key.startswith("mask") else "RGB")))
         if not include_photos:
             meta = {**meta, "photos": [], "masks": []}
         dest = Path(dest).expanduser()
@@ -304,9 +307,7 @@ class SubjectLibrary:
             raise InputError(f"export to a .safetensors file (got {dest.name})")
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={EXPORT_KEY: json.dumps(meta)}
-        )
+        save_file(pack_export(residuals, images_out), str(partial), metadata={EXPORT_KEY: json.dumps(meta)})
         os.replace(partial, dest)
         return dest
 
@@ -320,6 +321,7 @@ class SubjectLibrary:
                 tensors = {key: file.get_tensor(key) for key in file.keys()}
         except Exception as error:  # not a safetensors file
             raise InputError(f"{path.name}: not a readable safetensors file ({error})") from error
+        tensors = unpack_export(tensors, path.name)
         if EXPORT_KEY not in header:
             raise InputError(f"{path.name}: no Troupe subject metadata in this file")
         try:

@@ -25,6 +25,16 @@ THUMBNAIL = "thumbnail.png"
 THUMBNAIL_SIDE = 128
 MAX_CURVE_POINTS = 100  # the stored loss curve is averaged down to this many points (keeps subject.json small)
 EXPORT_KEY = "troupe_subject"
+# An exported file's tensors live under one prefix (layout 2; layout 1 used bare names: text_encoder, photo.0, ...).
+# A bare 2-D `text_encoder` tensor of the encoder's width is what embedding loaders (ComfyUI's, A1111's, diffusers')
+# take for a textual inversion, and a Cones 2 residual is added to the encoder's *output*, not its input: named
+# apart, and with a marker that sorts first, a loader that takes "the first tensor" gets the marker, not a residual.
+FILE_PREFIX = "troupe.subject."
+FILE_LAYOUT = 2
+# The marker, int64 [FILE_LAYOUT], comes first both by name ("format" < "mask." < "photo." < "residual." <
+# "thumbnail") and in the file, which safetensors orders by dtype (widest first: int64 before the float32 residuals)
+LAYOUT_KEY = FILE_PREFIX + "format"
+RESIDUAL_PREFIX = "residual."
 _META_KEYS = {
     "format_version": int,
     "name": str,
@@ -129,3 +139,39 @@ def fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def pack_export(residuals: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of an exported file (layout 2): the marker, each encoder's residual and the images, prefixed."""
+    tensors = {LAYOUT_KEY: torch.tensor([FILE_LAYOUT], dtype=torch.int64)}
+    tensors.update({f"{FILE_PREFIX}{RESIDUAL_PREFIX}{key}": value for key, value in residuals.items()})
+    tensors.update({f"{FILE_PREFIX}{key}": value for key, value in images.items()})
+    return {key: value.contiguous() for key, value in tensors.items()}
+
+
+def unpack_export(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """An exported file's tensors by their bare names (text_encoder, thumbnail, photo.0, ...), from either layout:
+    files exported before the prefix (layout 1) keep importing."""
+    prefixed = {key for key in tensors if key.startswith(FILE_PREFIX)}
+    if not prefixed:
+        return dict(tensors)  # layout 1
+    if len(prefixed) != len(tensors):
+        strays = sorted(set(tensors) - prefixed)
+        raise InputError(f"{where}: tensors outside {FILE_PREFIX}*: {', '.join(strays)}")
+    marker = tensors.get(LAYOUT_KEY)
+    if marker is None or marker.numel() != 1 or int(marker.flatten()[0]) != FILE_LAYOUT:
+        found = "none" if marker is None or marker.numel() != 1 else int(marker.flatten()[0])
+        raise InputError(f"{where}: subject file layout {found} is not one this Troupe reads ({FILE_LAYOUT})")
+    out = {}
+    for key, value in tensors.items():
+        name = key.removeprefix(FILE_PREFIX)
+        if key == LAYOUT_KEY:
+            continue
+        if name.startswith(RESIDUAL_PREFIX):
+            name = name.removeprefix(RESIDUAL_PREFIX)
+            if name not in ENCODER_KEYS:
+                raise InputError(f"{where}: unexpected residual {name}")
+        elif name in ENCODER_KEYS:  # a bare encoder name under the prefix would read as a residual: refused
+            raise InputError(f"{where}: unexpected tensor {key}")
+        out[name] = value
+    return out
