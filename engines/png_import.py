@@ -42,6 +42,8 @@ def open_png(source: str | Path | Image.Image) -> OpenedImage:
         return from_a1111(chunks["parameters"])
     if isinstance(chunks.get("prompt"), str):
         return from_comfyui(chunks["prompt"])
+    if isinstance(chunks.get("workflow"), str):
+        return from_comfyui(json.dumps(workflow_graph(chunks["workflow"])))
     raise InputError("this image carries no settings Troupe can read (a PNG saved by Troupe, A1111 or ComfyUI)")
 
 
@@ -154,6 +156,40 @@ def from_comfyui(text: str) -> OpenedImage:
         dropped.append(f"denoise {denoise:g}")
     dropped += _comfy_extras(graph, samplers)
     return OpenedImage(_request(prompt, negative, wanted, dropped), "ComfyUI", tuple(dropped))
+
+
+def workflow_graph(text: str) -> dict[str, Any]:
+    """ComfyUI's editor graph (the `workflow` chunk: nodes with positional `widgets_values`, and links by id) as the
+    `prompt` graph it would run, for the node types Troupe reads; used when a PNG carries only the workflow."""
+    try:
+        workflow = json.loads(text)
+        links = {link[0]: [str(link[1]), link[2]] for link in workflow.get("links") or []}
+        graph = {}
+        for node in workflow["nodes"]:
+            kind = node.get("type", "")
+            values = node.get("widgets_values") or []
+            inputs = dict(zip(WIDGETS.get(kind, ()), values if isinstance(values, list) else []))
+            for slot in node.get("inputs") or []:
+                if slot.get("link") in links:
+                    inputs[slot["name"]] = links[slot["link"]]
+            graph[str(node["id"])] = {"class_type": kind, "inputs": inputs}
+    except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError, IndexError) as error:
+        raise InputError(f"this image's ComfyUI workflow is damaged ({type(error).__name__})") from error
+    return graph
+
+
+# The widgets of the node types Troupe reads, in the order ComfyUI's editor stores their values
+# (`control_after_generate` follows every seed widget).
+WIDGETS = {
+    "KSampler": ("seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"),
+    "KSamplerAdvanced": ("add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "sampler_name",
+                         "scheduler", "start_at_step", "end_at_step", "return_with_leftover_noise"),
+    "CLIPTextEncode": ("text",),
+    "EmptyLatentImage": ("width", "height", "batch_size"),
+    "CheckpointLoaderSimple": ("ckpt_name",),
+    "LoraLoader": ("lora_name", "strength_model", "strength_clip"),
+    "PrimitiveNode": ("value",),
+}  # fmt: skip
 
 
 def _comfy_sampler(sampler: str, schedule: str, dropped: list[str]) -> str | None:

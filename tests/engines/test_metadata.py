@@ -233,3 +233,28 @@ def test_sd_parsers_reads_back_what_troupe_wrote(tmp_path, checkpoint, key):
     assert info.metadata["Size"] == "512x768"
     assert sampler.model.hash == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
     assert sampler.model.name == "my-model"
+
+
+def test_a_comfyui_png_with_only_its_workflow_opens(tmp_path):
+    """The editor's graph: widget values by position, inputs by link id."""
+    workflow = {
+        "nodes": [
+            {"id": 3, "type": "KSampler", "widgets_values": [31337, "randomize", 12, 6.0, "dpmpp_2m", "karras", 1],
+             "inputs": [{"name": "positive", "link": 4}, {"name": "negative", "link": 6},
+                        {"name": "latent_image", "link": 2}]},
+            {"id": 5, "type": "EmptyLatentImage", "widgets_values": [768, 512, 1]},
+            {"id": 6, "type": "CLIPTextEncode", "widgets_values": ["a fox in snow"]},
+            {"id": 7, "type": "CLIPTextEncode", "widgets_values": ["blurry"]},
+        ],
+        "links": [[2, 5, 0, 3, 3, "LATENT"], [4, 6, 0, 3, 1, "CONDITIONING"], [6, 7, 0, 3, 2, "CONDITIONING"]],
+    }  # fmt: skip
+    request = open_png(png_with(tmp_path, workflow=json.dumps(workflow))).request
+    assert (request.prompt, request.negative_prompt, request.seed, request.steps) == (
+        "a fox in snow",
+        "blurry",
+        31337,
+        12,
+    )
+    assert (request.cfg, request.scheduler, request.width, request.height) == (6.0, "dpmpp_2m_karras", 768, 512)
+    with pytest.raises(InputError, match="ComfyUI workflow is damaged"):
+        open_png(png_with(tmp_path, workflow='{"nodes": [{"type": "KSampler"}]}'))
