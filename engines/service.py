@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from engines.types import (
@@ -18,6 +19,7 @@ from engines.types import (
     RelationTrainRequest,
     SubjectInfo,
 )
+from engines.types.batch import BatchOptions, BatchProgress, BatchSummary, JobFile
 
 
 class Studio:
@@ -124,6 +126,23 @@ class Studio:
         from engines.png_import import open_png
 
         return open_png(png_path)
+
+    # Batches --------------------------------------------------------------------------------------------------
+    def read_jobs(self, path: str | Path) -> JobFile:
+        """A job file read, expanded and checked against this studio's subjects, relations and LoRA files (the model
+        is not loaded): every bad line comes back as a problem with its line number."""
+        from engines.batch import read_jobs
+        from engines.batch.render import check_request
+
+        return read_jobs(path, check_request(self))
+
+    def run_batch(self, jobs: JobFile, options: BatchOptions,
+                  on_progress: Callable[[BatchProgress], None] | None = None) -> BatchSummary:  # fmt: skip
+        """Render the jobs `options.out` does not hold yet: here, through generate, or on Ray workers that each load
+        this studio's model (engines/batch/)."""
+        from engines.batch import run_batch
+
+        return run_batch(self, jobs, options, on_progress)
 
     # Subjects -------------------------------------------------------------------------------------------------
     @property

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "studio.cli.references",
     "studio.cli.relations",
     "studio.cli.ui",
+    "studio.cli.batch",
 )
 
 
