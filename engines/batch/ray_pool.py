@@ -64,10 +64,13 @@ def actor_plan(spec: ModelSpec, workers: int | None) -> tuple[int, dict, int | N
     import ray
 
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus and spec.device != "cpu":
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    kind, have = ("GPU", gpus) if gpus and spec.device != "cpu" else ("CPU", cpus)
+    if workers is not None and workers > have:  # the extra actors would wait for resources, and the batch with them
+        raise InputError(f"--workers {workers}: the Ray cluster has {have} {kind}s, one per worker")
+    if kind == "GPU":
         return workers or gpus, {"num_gpus": 1, "num_cpus": 1}, None
-    return workers or max(1, int(resources.get("CPU", 1))), {"num_cpus": 1}, 1
+    return workers or cpus, {"num_cpus": 1}, 1
 
 
 def start_actors(studio, pending: list[BatchJob], options: BatchOptions) -> tuple[list, object]:
@@ -83,8 +86,9 @@ def start_actors(studio, pending: list[BatchJob], options: BatchOptions) -> tupl
     try:  # a model that cannot load is one error now, not the same failure recorded for every job
         ray.get([actor.ready.remote() for actor in actors])
     except ray.exceptions.RayActorError as error:
-        cause = getattr(error, "cause", None) or error
-        raise InputError(f"the Ray workers could not start: {str(cause).splitlines()[-1]}") from None
+        cause = str(getattr(error, "cause", None) or error).splitlines()[-1]
+        cause = cause.split("InputError: ", 1)[-1]  # the worker's one-line message, without its type's module path
+        raise InputError(f"the Ray workers could not start: {cause}") from None
     return actors, payload
 
 

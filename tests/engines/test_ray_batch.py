@@ -15,7 +15,7 @@ import pytest
 
 from engines.batch.render import FAULT_ENV
 from engines.service import Studio
-from engines.types import ModelSpec
+from engines.types import InputError, ModelSpec
 from engines.types.batch import BatchOptions
 from studio.__main__ import main
 from tests.engines.test_batch import (
@@ -114,3 +114,14 @@ def test_a_driver_killed_mid_batch_resumes_on_the_cluster(studio, tiny_sd15_dir,
     assert pngs(out) == pngs(tmp_path / "whole") and len(pngs(out)) == 8
     keys = [r["key"] for r in manifest_lines(out)]
     assert len(keys) == len(set(keys)) == 8
+
+
+def test_workers_that_cannot_start_are_one_line_before_any_job(cluster, tmp_path):
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a photo of dog", "steps": 1}))
+    studio = Studio(ModelSpec(str(tmp_path / "no-such-model")), tmp_path / "library")
+    jobs = studio.read_jobs(tmp_path / "jobs.jsonl")
+    with pytest.raises(InputError, match="the Ray cluster has 2 CPUs"):
+        studio.run_batch(jobs, BatchOptions(str(tmp_path / "out"), ray=cluster, workers=3))
+    with pytest.raises(InputError, match=r"^the Ray workers could not start: model path .* does not exist"):
+        studio.run_batch(jobs, BatchOptions(str(tmp_path / "out"), ray=cluster, workers=1))
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
