@@ -27,15 +27,32 @@ EXTRA_KEYS = ("name", "repeat", "seeds")
 CHUNK_KEYS = ("version", "request", "model")
 CHUNK_VERSIONS = (1, 2)  # engines/metadata.py's FORMAT_VERSION history: 1 = made before references existed
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+_MISSING = object()
 MAX_LINE = 1_000_000  # characters: a request is a few KB; a megabyte line is a mistake, not a job
 
 Check = Callable[[GenerateRequest], None]  # raises InputError for a request this studio cannot render
 
 
 def request_key(request: GenerateRequest) -> str:
-    """sha256 of the request's canonical JSON: equal requests (same seed) are the same picture."""
-    text = json.dumps(request.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """sha256 of the request's canonical JSON: equal requests (same seed) are the same picture. Fields at their
+    defaults are left out, so a field that a later Troupe adds (with a default) does not rename every finished job."""
+    data = _changed(request.to_dict(), GenerateRequest(prompt=request.prompt).to_dict())
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _changed(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The keys of `data` whose values differ from `defaults` (nested objects compared key by key)."""
+    out = {}
+    for key, value in data.items():
+        default = defaults.get(key, _MISSING)
+        if isinstance(value, dict) and isinstance(default, dict):
+            value = _changed(value, default)
+            if value:
+                out[key] = value
+        elif value != default or key == "prompt":
+            out[key] = value
+    return out
 
 
 def derived_seed(request: GenerateRequest, index: int) -> int:

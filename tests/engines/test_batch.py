@@ -3,6 +3,7 @@ request's hash, one manifest line per job, a failed job retried once, and a SIGK
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -128,6 +129,12 @@ def test_job_lines_expand_and_bad_lines_are_reported_by_number(tmp_path):
     seedless = [j.request.seed for j in jobs.jobs[6:]]
     assert seedless == [j.request.seed for j in read_jobs(tmp_path / "jobs.jsonl").jobs[6:]]  # stable across runs
     assert seedless[1] == seedless[0] + 1
+
+
+def test_the_hash_leaves_out_defaults_so_new_fields_do_not_rename_finished_jobs():
+    minimal = hashlib.sha256(b'{"prompt":"a cat","seed":1}').hexdigest()
+    assert request_key(GenerateRequest("a cat", seed=1)) == minimal
+    assert request_key(GenerateRequest("a cat", seed=1, steps=21)) != minimal
 
 
 def test_an_empty_or_missing_job_file_is_one_line(tmp_path):
