@@ -79,18 +79,29 @@ class BoxFitter:
         return with_norm_of(latents, model_input / factor).to(latents.dtype)
 
     def _attend(self, model_input: torch.Tensor, timestep, conditioning: dict) -> None:
-        """Run the UNet as far as the energy reads: to its end, or (depth "coarse") up to its middle block, whose
-        output nothing here needs — the coarse layers are where objects are placed and sized."""
-        if self.config.fit_depth == "full":
+        """Run the UNet as far as the energy reads: to its end (depth "full"), up to its middle block ("coarse") or
+        to the last down block with cross-attention ("down"). Objects are placed and sized on the way down; what
+        follows the last layer read is neither run forward nor backward."""
+        last = _last_layer_read(self.unet, self.config.fit_depth)
+        if last is None:
             self.unet(model_input, timestep, **conditioning)
             return
-        hook = self.unet.mid_block.register_forward_hook(_stop_forward)
+        hook = last.register_forward_hook(_stop_forward)
         try:
             self.unet(model_input, timestep, **conditioning)
         except _StopForward:
             pass
         finally:
             hook.remove()
+
+
+def _last_layer_read(unet, depth: str):
+    """The UNet block after which box fitting's forward may stop (None: it runs to the end)."""
+    if depth == "coarse":
+        return unet.mid_block
+    if depth == "down":
+        return [block for block in unet.down_blocks if getattr(block, "has_cross_attention", False)][-1]
+    return None
 
 
 class _StopForward(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from engines.types import (
     RelationInfo,
     RelationTrainRequest,
     SubjectInfo,
+    with_default_fit,
 )
 from engines.types.batch import BatchOptions, BatchProgress, BatchSummary, JobFile
 
@@ -73,6 +75,12 @@ class Studio:
             "dtype": str(bundle.dtype).removeprefix("torch."),
             "fingerprint": bundle.fingerprint,
         }
+
+    def with_default_fit(self, request: GenerateRequest) -> GenerateRequest:
+        """`request` with the box fitting this model's family uses when boxes are drawn and none was chosen (the UI's
+        and the CLI's "auto"; engines.types.DEFAULT_BOX_FIT). Loads the model to know its family."""
+        guidance = with_default_fit(request.guidance, request.layout, self.bundle.family)
+        return request if guidance == request.guidance else dataclasses.replace(request, guidance=guidance)
 
     # Generation -----------------------------------------------------------------------------------------------
     def generate(

@@ -29,7 +29,7 @@ PROMPT = "a photo of dog and cat on the beach"
 LAYOUT = Layout((Region("dog", (0.05, 0.3, 0.5, 0.9)), Region("cat", (0.45, 0.2, 0.95, 0.8), layer=1)))
 CASES = {
     "no layout": (Layout(), GuidanceConfig()),
-    "2 regions, Troupe default": (LAYOUT, GuidanceConfig()),
+    "2 regions, forward guidance": (LAYOUT, GuidanceConfig()),
     "2 regions, + bounded self-attention": (LAYOUT, GuidanceConfig(bound_self_attention=True)),
     "2 regions, Cones 2 public settings": (LAYOUT, GuidanceConfig.cones2_public()),
     "2 regions, + box fitting": (LAYOUT, GUIDANCE_MODES["troupe-fitted"].config),

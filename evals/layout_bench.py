@@ -12,7 +12,7 @@ YOLO-L / YOLO-Subj:
 - colour / category accuracy: the detection that best overlaps the box has the requested colour / category;
 - layer order: where two objects' whole shapes overlap, the front object's colour covers more of the overlap than
   the back's (the shapes, not the boxes: a ring's hole or a tent's corners show what is behind them);
-- time per image.
+- time per image (the modes take turns on each layout, so the times compare the modes in one run).
 Two rows are ceilings rather than guidance modes: "ground truth" scores the exact renders of the layouts' scenes (the
 scorer's ceiling), "ground truth through the VAE" the same renders encoded and decoded by the model's VAE (what a
 model that drew every scene exactly could still show: its decoder blurs small stars' points and boxes' corners).
@@ -173,9 +173,11 @@ def run_bench(studio: Studio, options: BenchOptions, on_progress: Callable[[Step
             [score(studio.vae_roundtrip(random_scene(c.seed).image), c, 0.0) for c in cases]
         )
     progress = ImageCounter(len(cases) * len(options.modes), on_progress)
-    for mode in options.modes:
-        guidance = guidance_mode(mode).config
-        report["modes"][mode] = summarise(score_guidance(studio, cases, guidance, options, progress))
+    scores: dict[str, list[CaseScore]] = {mode: [] for mode in options.modes}
+    for case in cases:  # modes take turns on each layout, so warm-up and load drift fall on every mode alike
+        for mode in options.modes:
+            scores[mode] += score_guidance(studio, [case], guidance_mode(mode).config, options, progress)
+    report["modes"].update((mode, summarise(mode_scores)) for mode, mode_scores in scores.items())
     return report
 
 

@@ -7,9 +7,12 @@ and the benchmarks import them from here; the modules beside this file group the
 
 from engines.types.checks import Cancelled, InputError, check_keys, unknown_subject
 from engines.types.generation import (
+    BOX_FITS,
+    DEFAULT_BOX_FIT,
     GUIDANCE_ALIASES,
     GUIDANCE_MODES,
     Box,
+    BoxFit,
     GenerateRequest,
     GenerateResult,
     GuidanceConfig,
@@ -19,6 +22,7 @@ from engines.types.generation import (
     Region,
     StepProgress,
     guidance_mode,
+    with_default_fit,
 )
 from engines.types.models import ModelSpec
 from engines.types.references import REFERENCE_SWITCHES, START_MODES, ReferenceConfig, reference_switch
@@ -75,8 +79,11 @@ __all__ = [
     "DTYPES",
     "FAMILIES",
     "FAMILY_LR",
+    "BOX_FITS",
+    "DEFAULT_BOX_FIT",
     "GUIDANCE_ALIASES",
     "GUIDANCE_MODES",
+    "BoxFit",
     "GenerateRequest",
     "GenerateResult",
     "GuidanceConfig",
@@ -101,6 +108,7 @@ __all__ = [
     "check_keys",
     "check_subject_name",
     "guidance_mode",
+    "with_default_fit",
     "reference_switch",
     "unknown_subject",
 ]

@@ -65,13 +65,14 @@ class GuidanceConfig:
 
     Box fitting (`fit_iterations` > 0, engines/box_fitting.py) also moves the latent, before each early step, down
     the gradient of an energy that is low when every region's words are attended inside its box (Chen et al.'s
-    backward guidance). It costs a UNet forward and backward per iteration, so it is off unless asked for.
+    backward guidance). It costs a UNet forward and backward per iteration; BOX_FITS names the settings people choose
+    from, and DEFAULT_BOX_FIT which one the studio uses per model family when boxes are drawn.
     """
 
     FIT_ITERATIONS = 3  # box fitting when switched on (docs/layout.md: the demo bench's best trade)
     # full: every cross-attention layer; coarse: the down and middle blocks' only — the UNet's forward stops after its
-    # middle block, so a fitting iteration costs about half (docs/layout.md)
-    FIT_DEPTHS = ("full", "coarse")
+    # middle block, so a fitting iteration costs about half; down: the down blocks' only (docs/layout.md)
+    FIT_DEPTHS = ("full", "coarse", "down")
     MAX_FIT_ITERATIONS = 10
 
     strength: float = 0.08
@@ -116,8 +117,62 @@ class GuidanceConfig:
         return cls(strength=0.0)
 
     def fitted(self, iterations: int | None = None) -> GuidanceConfig:
-        """The same guidance with box fitting on (the UI's "Fit objects to their boxes")."""
+        """The same guidance with full box fitting on (`--fit-boxes`), or with `iterations` of it."""
         return dataclasses.replace(self, fit_iterations=self.FIT_ITERATIONS if iterations is None else iterations)
+
+    def with_fit(self, name: str) -> GuidanceConfig:
+        """The same guidance with the box fitting BOX_FITS[name]."""
+        require(name in BOX_FITS, f"unknown box fitting {name!r} (choose from {', '.join(BOX_FITS)})")
+        fit = BOX_FITS[name]
+        return dataclasses.replace(
+            self, fit_iterations=fit.iterations, fit_depth=fit.depth, fit_scale=fit.scale, fit_fraction=fit.fraction
+        )
+
+    @property
+    def fit_name(self) -> str | None:
+        """The BOX_FITS entry these settings are (None: settings of one's own, e.g. from an older image)."""
+        if self.fit_iterations == 0:
+            return "off"
+        return next((name for name in BOX_FITS if self.with_fit(name) == self), None)
+
+
+@dataclass(frozen=True)
+class BoxFit:
+    """A box-fitting setting people choose by name: the GuidanceConfig fields it sets."""
+
+    title: str
+    iterations: int
+    depth: str = "full"
+    scale: float = 30.0
+    fraction: float = 0.5
+    about: str = ""
+
+
+BOX_FITS: dict[str, BoxFit] = {
+    "off": BoxFit("Off", 0, about="forward guidance only: objects land in their boxes, often larger than drawn"),
+    "quick": BoxFit(
+        "Quick",
+        3,
+        "coarse",
+        60.0,
+        0.35,
+        "fits on the coarse layers in the first 35% of the steps: ~2x the time of an image without boxes",
+    ),
+    "full": BoxFit("Full", 3, about="fits on every layer in the first half of the steps: ~4x the time"),
+}
+# What a person who draws boxes and chooses nothing gets, per model family (docs/layout.md, "The default path"): on the
+# demo model quick fitting was chosen on the bench and confirmed on held-out and fresh layouts. Stable Diffusion keeps
+# Cones 2's forward guidance (the paper's method) until fitting is measured there: it needs a backward pass through an
+# 860M-2.6B UNet with its activations kept, which the quantized and offloaded presets cannot afford.
+DEFAULT_BOX_FIT: dict[str, str] = {"demo": "quick", "sd15": "off", "sd2": "off", "sdxl": "off"}
+
+
+def with_default_fit(guidance: GuidanceConfig, layout: Layout, family: str) -> GuidanceConfig:
+    """What "fitting: auto" means: the family's DEFAULT_BOX_FIT when boxes are drawn and guided and no fitting was
+    chosen; `guidance` unchanged otherwise (no boxes, guidance off, or fitting already set)."""
+    if not layout.regions or guidance.strength == 0 or guidance.fit_iterations > 0:
+        return guidance
+    return guidance.with_fit(DEFAULT_BOX_FIT.get(family, "off"))
 
 
 @dataclass(frozen=True)
@@ -134,16 +189,20 @@ GUIDANCE_MODES: dict[str, GuidanceMode] = {
         GuidanceConfig.cones2_public(),
         "the public Cones 2 code: a region's words are masked out everywhere but its box",
     ),
-    "troupe": GuidanceMode("Troupe default", GuidanceConfig(), "Troupe's default layout guidance"),
+    "troupe": GuidanceMode(
+        "Troupe forward guidance",
+        GuidanceConfig(),
+        "Troupe's layout guidance (Cones 2 Eq. 7 with the layer order); --fit adds box fitting to it",
+    ),
     "troupe-fitted": GuidanceMode(
-        "Troupe default + box fitting",
-        GuidanceConfig().fitted(),
-        "the default plus box fitting: objects drawn at their boxes' size (2-4x slower)",
+        "Troupe + box fitting",
+        GuidanceConfig().with_fit("full"),
+        "forward guidance plus box fitting: objects drawn at their boxes' size (~4x the time)",
     ),
     "troupe-quick-fit": GuidanceMode(
-        "Troupe default + quick box fitting",
-        dataclasses.replace(GuidanceConfig().fitted(), fit_depth="coarse", fit_scale=60.0, fit_fraction=0.35),
-        "box fitting on the coarse layers only, in the first 35% of the steps: most of its gain at a third of its cost",
+        "Troupe + quick box fitting",
+        GuidanceConfig().with_fit("quick"),
+        "box fitting on the coarse layers only, in the first 35% of the steps (~2x the time)",
     ),
 }
 GUIDANCE_ALIASES = {"none": "off", "cones2-public": "cones2"}  # the names the bench used before the CLI's

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from engines.types import (
+    BOX_FITS,
+    DEFAULT_BOX_FIT,
     GUIDANCE_MODES,
     LIMITS,
     REFERENCE_SWITCHES,
@@ -79,8 +81,16 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--strength", type=float, default=None, help="override the guidance strength")
     parser.add_argument("--bound-self-attention", action="store_true", help="keep regions apart in self-attention too")
     parser.add_argument(
-        "--fit-boxes", action="store_true", help="draw objects at their boxes' size (box fitting: 2-4x slower)"
-    )
+        "--fit",
+        choices=("auto", *BOX_FITS),
+        default="auto",
+        help=("box fitting, which draws objects at their boxes' size: "
+        + "; ".join(f"{name}: {fit.about}" for name, fit in BOX_FITS.items())
+        + "; auto (default): "
+        + ", ".join(f"{name} on {family}" for family, name in DEFAULT_BOX_FIT.items())
+        + " models when boxes are drawn").replace("%", "%%"),
+    )  # fmt: skip
+    parser.add_argument("--fit-boxes", action="store_true", help="the same as --fit full")
     add_relation_arguments(parser)
     add_reference_arguments(parser)
     add_library_argument(parser)
@@ -210,8 +220,9 @@ def build_request(args: argparse.Namespace, prompt: str | None = None, layout: L
         guidance = dataclasses.replace(guidance, strength=args.strength)
     if args.bound_self_attention:
         guidance = dataclasses.replace(guidance, bound_self_attention=True)
-    if args.fit_boxes:
-        guidance = guidance.fitted()
+    fit = "full" if args.fit_boxes else args.fit
+    if fit != "auto":  # auto is the model family's choice, made once the model is loaded (run)
+        guidance = guidance.with_fit(fit)
     if args.box or layout is None:
         layout = Layout(tuple(parse_box(text, i) for i, text in enumerate(args.box)))
     if prompt is None and args.prompt is None:
@@ -268,6 +279,12 @@ def run(args: argparse.Namespace) -> int:
         request = build_request(args, prompt, layout)
     else:
         request = build_request(args)
+    if not args.reuse and args.fit == "auto" and not args.fit_boxes:
+        chosen = studio.with_default_fit(request)
+        if chosen != request:
+            fit = chosen.guidance.fit_name
+            print(f"box fitting: {fit} (this model's default with boxes; {BOX_FITS[fit].about}; --fit off skips it)")
+        request = chosen
     paths = output_paths(args.out, request.num_images)
     result = studio.generate(request, on_progress=print_progress)
     for warning in result.warnings:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -34,6 +34,9 @@ from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu,
 from studio.ui.loras import check_uploaded, wire_lora_card
 from studio.ui.references import references_card, widened
 from studio.ui.views import idle_html, progress_html
+
+if TYPE_CHECKING:
+    from engines.service import Studio
 
 SCALE_RANGE = (0.0, 2.0)  # the relation strength slider's range; a PNG may carry more (see _widened_scale)
 
@@ -301,8 +304,8 @@ class ComposeTab:
 
     def generate(self, form: GenerateForm, request: gr.Request) -> Iterator[tuple[Any, Any]]:
         """Stream (status, results): previews while running, then the PNGs. Bad input: one message, no change."""
-        wanted = form.to_request(self.sessions.class_words(request))
         studio = self.sessions.studio_for(request)
+        wanted = self.requested(form, studio, request)
         if self.sessions.per_user_root is not None:  # a Space reads only the visitor's uploads, never typed paths
             check_uploaded(wanted.loras, [Path(get_upload_folder()), Path(studio.library_dir)])
         cancel = self.sessions.cancel_flag(request, "generate", fresh=True)
@@ -315,6 +318,12 @@ class ComposeTab:
                     yield self.finished(item, self.sessions.outputs(request))
         except Cancelled:
             yield idle_html("Stopped — nothing was changed."), gr.skip()
+
+    def requested(self, form: GenerateForm, studio: Studio, request: gr.Request) -> GenerateRequest:
+        """The form as a request; box fitting "auto" becomes the loaded model family's choice, so the image and a
+        saved project record what ran."""
+        wanted = form.to_request(self.sessions.class_words(request))
+        return studio.with_default_fit(wanted) if form.fit_choice == "auto" else wanted
 
     def stop(self, request: gr.Request) -> None:
         self.sessions.cancel_flag(request, "generate").set()
@@ -345,7 +354,7 @@ class ComposeTab:
         studio = self.sessions.studio_for(request)
         width, height = size_of(form.canvas)
         path = studio.save_project(
-            form.to_request(self.sessions.class_words(request)),
+            self.requested(form, studio, request),
             width,
             height,
             self.sessions.outputs(request) / "projects",

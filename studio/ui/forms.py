@@ -24,6 +24,7 @@ import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
 from engines.types import (
+    BOX_FITS,
     LIMITS,
     REFERENCE_SWITCHES,
     REGISTER_PRESETS,
@@ -125,7 +126,7 @@ class GenerateForm(Form):
     sampler: str = GenerateRequest.scheduler  # a key of engines.types.SCHEDULERS
     images: int = GenerateRequest.num_images
     layout_strength: float = GuidanceConfig.strength
-    fit_boxes: bool = False
+    fit_boxes: str = "auto"  # "auto" (the model family's DEFAULT_BOX_FIT) or a key of BOX_FITS
     # the References group (studio/ui/references.py): the fields of ReferenceConfig, after the older parameters so
     # that positional API calls written before them keep working
     references: str = "auto"  # a key of engines.types.REFERENCE_SWITCHES
@@ -157,9 +158,17 @@ class GenerateForm(Form):
             width=width,
             height=height,
             num_images=int(self.images),
-            guidance=guidance.fitted() if self.fit_boxes else guidance,
+            guidance=guidance if self.fit_choice == "auto" else guidance.with_fit(self.fit_choice),
             references=self.reference_config(),
         )
+
+    @property
+    def fit_choice(self) -> str:
+        """The box fitting asked for: "auto" (the studio picks by model family; Compose.generate) or a BOX_FITS key."""
+        choice = self.fit_boxes or "auto"
+        if choice != "auto" and choice not in BOX_FITS:
+            raise InputError(f"fit_boxes must be one of auto, {', '.join(BOX_FITS)} (got {choice!r})")
+        return choice
 
     def reference_config(self) -> ReferenceConfig:
         """The References group as a ReferenceConfig (which checks the ranges: an API call may send anything)."""
@@ -193,7 +202,7 @@ class GenerateForm(Form):
             sampler=request.scheduler,
             images=request.num_images,
             layout_strength=request.guidance.strength,
-            fit_boxes=request.guidance.fit_iterations > 0,
+            fit_boxes=request.guidance.fit_name or "full",  # the radio's nearest: settings of one's own always fit
             references=reference_switch(request.references.enabled),
             reference_strength=request.references.strength,
             image_guidance=request.references.image_guidance,

@@ -7,11 +7,14 @@ from typing import Any
 
 import gradio as gr
 
-from engines.types import LIMITS, SCHEDULERS
+from engines.types import BOX_FITS, DEFAULT_BOX_FIT, LIMITS, SCHEDULERS
 from studio.ui.forms import GenerateForm, size_choices
 from studio.ui.loras import lora_card
 from studio.ui.references import reference_cost
 
+# Box fitting's time per image over an image without boxes, measured on the demo model (README, docs/layout.md); auto is
+# quick on the demo model and off on Stable Diffusion
+FIT_COST = {"off": 1.0, "quick": 2.0, "full": 4.0}
 STRENGTH_MAX = 0.3  # the slider's range; above it the boxes overpower the prompt (the engine accepts any ≥ 0)
 
 
@@ -19,7 +22,7 @@ def generate_seconds(request: Any, *values: Any) -> float:
     """ZeroGPU duration of a /generate call, from the same arguments (steps × images; box fitting costs ~3×,
     references up to ~3× more)."""
     form = GenerateForm.from_values(values)
-    fitting = 3.0 if form.fit_boxes else 1.0  # box fitting: a forward and backward per early step
+    fitting = FIT_COST.get(form.fit_boxes, 2.0)  # box fitting: forwards and backwards in the early steps
     work = float(form.steps or 20) * float(form.images or 1) * fitting * reference_cost(form)
     return min(120.0, 10.0 + 0.6 * work)
 
@@ -58,10 +61,13 @@ def settings_card(form: dict[str, Any], native: int) -> dict[str, Any]:
                 elem_id="guidance-strength",
                 info="0 = regions off",
             )
-        form["fit_boxes"] = gr.Checkbox(
+        form["fit_boxes"] = gr.Radio(
+            [("Auto", "auto")] + [(fit.title, name) for name, fit in BOX_FITS.items()],
             value=defaults.fit_boxes,
             label="Fit objects to their boxes",
             elem_id="fit-boxes",
-            info="draws objects at their boxes' size; 2-4x slower",
+            info="draws objects at their boxes' size. Auto: "
+            + ", ".join(f"{BOX_FITS[name].title.lower()} on {family}" for family, name in DEFAULT_BOX_FIT.items())
+            + ". Quick: ~2x the time of an image without boxes; full: ~4x",
         )
         return lora_card(form)

@@ -15,7 +15,16 @@ from engines.generate import Generator
 from engines.layout import build_maps
 from engines.models import DEMO_MODEL_DIR
 from engines.prompt_subjects import PromptSubjects
-from engines.types import GUIDANCE_MODES, GenerateRequest, GuidanceConfig, InputError, Layout, Region
+from engines.types import (
+    BOX_FITS,
+    GUIDANCE_MODES,
+    GenerateRequest,
+    GuidanceConfig,
+    InputError,
+    Layout,
+    Region,
+    with_default_fit,
+)
 
 PROMPT = "a photo of dog and cat on the beach"
 LAYOUT = Layout((Region("dog", (0.0, 0.0, 1 / 3, 1.0)), Region("cat", (0.5, 0.25, 1.0, 0.75), layer=1)))
@@ -107,18 +116,21 @@ def test_fitting_works_without_forward_guidance(sd15):
     assert np.abs(fitted - unguided).mean() > 0
 
 
-def test_coarse_fitting_reads_only_the_down_and_middle_layers_and_still_lowers_the_energy(sd15):
-    """The quick mode's fitting stops the UNet after its middle block: no up block runs, the energy still falls."""
+@pytest.mark.parametrize("depth, skipped", [("coarse", "up_blocks"), ("down", "mid_block")])
+def test_shallow_fitting_runs_the_unet_only_as_far_as_it_reads_and_still_lowers_the_energy(sd15, depth, skipped):
+    """Coarse fitting stops the UNet after its middle block (no up block runs), down fitting after its last down
+    block with cross-attention (not even the middle block runs); the energy still falls."""
     calls = []
-    hooks = [block.register_forward_pre_hook(lambda *_: calls.append(1)) for block in sd15.pipe.unet.up_blocks]
+    unet = sd15.pipe.unet
+    blocks = list(unet.up_blocks) if skipped == "up_blocks" else [unet.mid_block]
+    hooks = [block.register_forward_pre_hook(lambda *_: calls.append(1)) for block in blocks]
     try:
-        coarse = dataclasses.replace(GuidanceConfig(fit_scale=3000.0).fitted(), fit_depth="coarse")
-        before, after, latents, fitted = one_fit(sd15, coarse)
+        shallow = dataclasses.replace(GuidanceConfig(fit_scale=3000.0).fitted(), fit_depth=depth)
+        before, after, latents, fitted = one_fit(sd15, shallow)
     finally:
         for hook in hooks:
             hook.remove()
-    per_forward = len(sd15.pipe.unet.up_blocks)
-    assert len(calls) == 2 * per_forward  # the two energy measurements only: fitting's 3 forwards ran no up block
+    assert len(calls) == 2 * len(blocks)  # the two energy measurements only: fitting's 3 forwards skipped them
     assert after < before - 1e-4 and (fitted - latents).norm() > 0
 
 
@@ -128,6 +140,25 @@ def test_a_png_from_before_fit_depth_fits_as_it_did():
     del saved["guidance"]["fit_depth"]
     assert GenerateRequest.from_dict(saved).guidance.fit_depth == "full"
     assert GUIDANCE_MODES["troupe-quick-fit"].config.fit_depth == "coarse"
+
+
+def test_drawing_boxes_gets_the_familys_fitting_unless_fitting_was_chosen():
+    guided = GuidanceConfig()
+    assert with_default_fit(guided, LAYOUT, "demo") == guided.with_fit("quick")
+    assert with_default_fit(guided, LAYOUT, "sd15") == guided  # SD keeps Cones 2's forward guidance
+    assert with_default_fit(guided, Layout(), "demo") == guided  # no boxes: nothing to fit
+    assert with_default_fit(GuidanceConfig.off(), LAYOUT, "demo").fit_iterations == 0  # guidance off stays off
+    full = guided.with_fit("full")
+    assert with_default_fit(full, LAYOUT, "demo") == full  # a chosen fitting is kept
+    assert full == guided.fitted()  # --fit-boxes and "full" are one setting: old fitted PNGs reopen as "full"
+
+
+def test_every_fitting_setting_is_known_by_its_name_and_others_by_none():
+    for name in BOX_FITS:
+        assert GuidanceConfig(strength=0.2).with_fit(name).fit_name == name
+    assert GuidanceConfig(fit_iterations=5).fit_name is None  # settings of one's own (an older image) stay as they are
+    with pytest.raises(InputError, match="unknown box fitting 'fast'"):
+        GuidanceConfig().with_fit("fast")
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,9 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+from engines.types import InputError  # noqa: E402
+from studio.ui.forms import GenerateForm  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -45,7 +48,7 @@ def gen_args(
     steps: int = 3,
     images: int = 1,
     relation: str = "",
-    fit_boxes: bool = False,
+    fit_boxes: str = "off",
 ) -> list:
     # the order of the /generate endpoint: prompt, negative, canvas, relation, seed, random seed, size, steps, cfg,
     # sampler, number of images, layout strength, fit objects to their boxes
@@ -89,15 +92,25 @@ def test_generate_with_two_regions_returns_pngs_with_metadata(client):
     assert seeds == {7, 8}  # one seed per image, each image reproducible alone
 
 
-def test_fitting_objects_to_their_boxes_is_recorded_and_reused(client):
-    status, gallery = client.predict(
-        *gen_args("a red ball next to a blue box", two_regions(), fit_boxes=True), api_name="/generate"
-    )
-    assert "Done" in status
-    request = _troupe_request(gallery[0]["image"])
-    assert request["guidance"]["fit_iterations"] > 0
-    widgets = _widgets(client.predict(handle_file(gallery[0]["image"]), api_name="/open_png"))
-    assert widgets["fit_boxes"] is True  # the checkbox comes back on
+def test_boxes_are_fitted_as_the_model_family_chooses_and_the_choice_is_reused(client):
+    def made_with(fit: str) -> tuple[dict, str]:
+        status, gallery = client.predict(
+            *gen_args("a red ball next to a blue box", two_regions(), fit_boxes=fit), api_name="/generate"
+        )
+        assert "Done" in status
+        widgets = _widgets(client.predict(handle_file(gallery[0]["image"]), api_name="/open_png"))
+        return _troupe_request(gallery[0]["image"])["guidance"], widgets["fit_boxes"]
+
+    guidance, reopened = made_with("auto")
+    assert guidance["fit_iterations"] == 0 and reopened == "off"  # auto on SD 1.5: Cones 2's forward guidance
+    guidance, reopened = made_with("quick")
+    assert (guidance["fit_iterations"], guidance["fit_depth"]) == (3, "coarse") and reopened == "quick"
+
+
+def test_an_unknown_fitting_is_refused_by_name():
+    assert GenerateForm().fit_choice == "auto"
+    with pytest.raises(InputError, match="fit_boxes must be one of auto, off, quick, full"):
+        GenerateForm(fit_boxes="fast").fit_choice  # noqa: B018
 
 
 def test_register_a_subject_then_generate_with_it(client, photos, studio_app):
