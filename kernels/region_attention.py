@@ -98,7 +98,7 @@ class RegionAttnProcessor:
         value = split_heads(attn.to_v(context), attn.heads)  # (B, H, T, d)
         if attn.norm_q is not None:
             query, key = attn.norm_q(query), attn.norm_k(key)
-        if self.is_cross:
+        if self.is_cross and self.state.record.capturing:  # only box fitting reads them (a matmul and a softmax)
             self.state.record.add(attention_probabilities(query, key), maps)
         bias = self._cross_bias(query, key, maps) if self.is_cross else self._self_bias(query, maps)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)  # (B, H, N, d)
