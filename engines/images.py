@@ -26,6 +26,9 @@ from engines.types import InputError
 FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; more is refused (decompression bombs)
 MIN_SIDE = 32  # pixels; a smaller image has nothing to learn from
+# A photo is cropped to a square around the subject no larger than its short side: a 40000×32 strip would give a
+# 32-px square blown up to the model's size. 4:1 takes every camera and phone format (panoramas included up to 4:1).
+MAX_ASPECT = 4.0
 MIN_FOREGROUND = 0.005  # share of a photo's pixels: less is "no subject found"
 CROP_MARGIN = 0.15  # fraction of the subject's box added on each side before squaring
 GRABCUT_SIDE = 256  # GrabCut runs on a copy at most this big (it is O(pixels))
@@ -51,8 +54,10 @@ def load_photo_and_alpha(
     real cut-out (some pixels transparent), else None."""
     path = Path(path)
     name = path.name
+    if path.is_dir():
+        raise InputError(f"photo {name}: is a folder, not an image file (name the photos in it)")
     if not path.is_file():
-        raise InputError(f"photo {name}: no such file")
+        raise InputError(f"photo {name}: {'not a regular file' if path.exists() else 'no such file'}")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
@@ -65,16 +70,13 @@ def load_photo_and_alpha(
                     raise InputError(f"photo {name}: {width}×{height} is too many pixels (limit {max_pixels:,})")
                 if min(width, height) < min_side:
                     raise InputError(f"photo {name}: {width}×{height} is too small (each side needs ≥ {min_side} px)")
+                if max(width, height) > MAX_ASPECT * min(width, height):
+                    raise InputError(
+                        f"photo {name}: {width}×{height} is too long and thin (at most {MAX_ASPECT:g}:1); "
+                        "crop it around the subject first"
+                    )
                 image.load()  # decodes everything: a truncated file fails here
-                image = ImageOps.exif_transpose(image)
-                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                    rgba = image.convert("RGBA")
-                    alpha = np.asarray(rgba.getchannel("A"), np.float32) / 255.0  # (H, W)
-                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    rgb = Image.alpha_composite(white, rgba).convert("RGB")
-                    cut_out = alpha.min() < 0.5 and alpha.max() > 0.5
-                    return rgb, (alpha if cut_out else None)
-                return image.convert("RGB"), None
+                return _upright_rgb(ImageOps.exif_transpose(image), name)
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -83,6 +85,24 @@ def load_photo_and_alpha(
         raise InputError(f"photo {name}: not an image (PNG, JPEG or WebP expected)") from error
     except (OSError, SyntaxError, ValueError) as error:  # truncated / corrupt data
         raise InputError(f"photo {name}: the file is damaged or truncated ({error})") from error
+
+
+def _upright_rgb(image: Image.Image, name: str) -> tuple[Image.Image, np.ndarray | None]:
+    """A decoded photo as RGB and its cut-out alpha (see load_photo_and_alpha)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale: Pillow's convert("RGB") clips every value above 255 to white, so scale 0..65535 to 0..255
+        grey = np.asarray(image, np.float64).clip(0, 65535) / 257.0  # (H, W)
+        image = Image.fromarray(grey.round().astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), np.float32) / 255.0  # (H, W)
+        if alpha.max() < 0.5:
+            raise InputError(f"photo {name}: it is fully transparent, so there is no subject in it")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        cut_out = alpha.min() < 0.5 and alpha.max() > 0.5
+        return rgb, (alpha if cut_out else None)
+    return image.convert("RGB"), None
 
 
 class OnnxSegmenter:
@@ -179,7 +199,8 @@ def subject_square(fg: np.ndarray, native: int, margin: float = CROP_MARGIN) -> 
     return left, top, left + side, top + side
 
 
-def prepare_photo(path: str | Path, size: int, segmenter: OnnxSegmenter | None = None) -> PreparedPhoto:
+def foreground(path: str | Path, segmenter: OnnxSegmenter | None = None) -> tuple[Image.Image, np.ndarray]:
+    """The photo (upright RGB) and its foreground in [0, 1], (H, W); InputError when no subject is found in it."""
     image, alpha = load_photo_and_alpha(path)
     if alpha is not None:  # a cut-out photo carries its own mask
         fg = alpha
@@ -190,6 +211,23 @@ def prepare_photo(path: str | Path, size: int, segmenter: OnnxSegmenter | None =
             f"photo {Path(path).name}: no subject found in it (its foreground is empty); use a photo in "
             "which the subject stands out from the background, or a cut-out PNG with transparency"
         )
+    return image, fg
+
+
+def check_photos(paths: list[str] | tuple[str, ...], segmenter: OnnxSegmenter | str | Path | None = None) -> None:
+    """Every check prepare_photos makes (files, sizes, a foreground in each), without the model: run before the
+    model loads, so a bad photo is one line in a second instead of after the load (GrabCut runs on ≤ 256-px copies,
+    so doing it twice costs little)."""
+    for path in paths:
+        load_photo(path)
+    if segmenter is None or isinstance(segmenter, (str, Path)):
+        segmenter = find_segmenter(segmenter)
+    for path in paths:
+        foreground(path, segmenter)
+
+
+def prepare_photo(path: str | Path, size: int, segmenter: OnnxSegmenter | None = None) -> PreparedPhoto:
+    image, fg = foreground(path, segmenter)
     box = subject_square(fg, size)
     photo = image.crop(box).resize((size, size), Image.LANCZOS)
     mask_full = Image.fromarray((fg * 255).clip(0, 255).astype(np.uint8))

@@ -6,9 +6,13 @@
                   thumbnail.png
     <root>/.work/<name>/                  resumable registration checkpoints (engines/register/)
     <root>/.tmp-*/ , <root>/.trash-*/     transient: a subject is built under .tmp-* and renamed into place
+    <root>/.broken/                       entries `subjects check --repair` moved aside (never deleted)
 
-Names are validated with check_subject_name (so a name can never leave the root). subject.json is validated on load:
-unknown keys or bad values are a clear error; `list()` skips (with a warning) a folder that fails validation.
+Names are validated with check_subject_name (so a name can never leave the root) and compared without case: on the
+file systems of macOS and Windows `stripy` and `Stripy` are one folder, so the second is refused as a duplicate. In
+prompts a name is exact (`<Stripy>` is not `<stripy>`; the error says which one was meant). subject.json is validated
+on load: unknown keys or bad values are a clear error; `list()` skips (with a warning) a folder that fails validation,
+and `python -m studio subjects check` reports it (engines/library_check.py).
 """
 
 from __future__ import annotations
@@ -24,14 +28,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engines.subject_files import (
-    ENCODER_KEYS,
     EXPORT_KEY,
     FORMAT_VERSION,
     META,
@@ -40,11 +42,12 @@ from engines.subject_files import (
     THUMBNAIL_SIDE,
     check_residuals,
     downsample_curve,
+    export_path,
     fsync,
+    image_tensors,
     pack_export,
     photo_loss,
-    to_image,
-    unpack_export,
+    read_export,
     validate_meta,
 )
 from engines.types import InputError, SubjectInfo, check_subject_name
@@ -71,11 +74,21 @@ class SubjectLibrary:
         """Where engines/register/ keeps the resumable checkpoint of a registration in progress."""
         return self.root / ".work" / check_subject_name(name)
 
+    def existing(self, name: str) -> Path | None:
+        """The subject folder whose name equals `name` up to case, if there is one."""
+        check_subject_name(name)
+        if not self.root.is_dir():
+            return None
+        wanted = name.lower()
+        return next((p for p in self.root.iterdir() if p.name.lower() == wanted and not p.name.startswith(".")), None)
+
     def check_free(self, name: str) -> None:
-        """The one check that a new subject does not take an existing subject's name."""
-        if self.folder(name).exists():
+        """The one check that a new subject does not take an existing subject's name (in any case)."""
+        found = self.existing(name)
+        if found is not None:
+            same = "" if found.name == name else " (names are compared without case)"
             raise InputError(
-                f"a subject named '{name}' already exists: pick another name, or delete or rename the old one"
+                f"a subject named '{found.name}' already exists{same}: pick another name, or delete or rename the old one"
             )
 
     def clear_work(self, name: str) -> None:
@@ -86,11 +99,13 @@ class SubjectLibrary:
         where = f"subject folder {folder.name}"
         try:
             meta = json.loads((folder / META).read_text(encoding="utf-8"))
-        except FileNotFoundError as error:
-            raise InputError(f"{where}: {META} is missing") from error
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise InputError(f"{where}: {META} is not valid JSON ({error})") from error
-        meta = validate_meta(meta, where)
+        except FileNotFoundError:
+            raise InputError(f"{where}: {META} is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise InputError(f"{where}: {META} is not valid JSON ({type(error).__name__})") from None
+        except OSError as error:  # a folder or a fifo named subject.json, no permission...
+            raise InputError(f"{where}: {META} is unreadable ({error.strerror})") from None
+        meta = validate_meta(meta, where, strict=False)
         if meta["name"] != folder.name:
             raise InputError(f"{where}: {META} names '{meta['name']}'")
         if meta.get("residual", True) and not (folder / RESIDUALS).is_file():
@@ -122,17 +137,21 @@ class SubjectLibrary:
                 continue
             try:
                 check_subject_name(folder.name)
+                if folder.is_symlink():  # a subject's files never live outside the library
+                    raise InputError("a symbolic link, not a subject folder")
                 subjects.append(self._info(folder, self._read_meta(folder)))
             except InputError as error:
-                log.warning("skipping subject folder %s: %s", folder, error)
+                log.warning("skipping subject folder %s: %s (python -m studio subjects check)", folder, error)
         return sorted(subjects, key=lambda s: s.name)
 
     def names(self) -> list[str]:
         return [s.name for s in self.list()]
 
     def get(self, name: str) -> SubjectInfo:
-        folder = self.folder(name)
-        if not folder.is_dir():
+        folder = self.existing(name)
+        if folder is not None and folder.name != name:
+            raise InputError(f"no subject named '{name}': did you mean '{folder.name}'? (names are exact)")
+        if folder is None or not folder.is_dir():
             registered = ", ".join(self.names()) or "none"
             raise InputError(f"no subject named '{name}' (registered: {registered})")
         return self._info(folder, self._read_meta(folder))
@@ -146,7 +165,12 @@ class SubjectLibrary:
         """Δ per text encoder ('text_encoder', and 'text_encoder_2' for SDXL): float32 (n_class_tokens, width)."""
         if not self.get(name).has_residual:
             raise InputError(f"subject '{name}' is an instant subject: it has photos, not a trained residual")
-        path = self.folder(name) / RESIDUALS
+        return self.read_residuals(self.folder(name))
+
+    @staticmethod
+    def read_residuals(folder: Path) -> dict[str, torch.Tensor]:
+        """The checked residuals file of the subject folder `folder` (its name unchecked)."""
+        name, path = folder.name, folder / RESIDUALS
         try:
             with safe_open(str(path), framework="pt") as file:
                 tensors = {key: file.get_tensor(key) for key in file.keys()}
@@ -200,6 +224,8 @@ class SubjectLibrary:
         target = self.root / name
         if not overwrite:
             self.check_free(name)
+        elif (found := self.existing(name)) is not None and found.name != name:
+            raise InputError(f"'{name}' would replace '{found.name}' (names are compared without case): rename it")
         meta = {
             "format_version": FORMAT_VERSION,
             "name": name,
@@ -259,7 +285,9 @@ class SubjectLibrary:
         check_subject_name(new)
         if old == new:
             return self.get(old)
-        self.check_free(new)
+        case_only = old.lower() == new.lower()  # on macOS and Windows the new name is the old folder
+        if not case_only:
+            self.check_free(new)
         source = self.folder(old)
         temp = Path(tempfile.mkdtemp(prefix=f".tmp-{new}-", dir=self.root))
         try:  # rewrite subject.json in a copy, then swap: the old subject stays whole until the last rename
@@ -267,11 +295,22 @@ class SubjectLibrary:
             meta = self._read_meta(source)
             meta["name"] = new
             (temp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
-            os.rename(temp, self.root / new)
+            if case_only:  # the old folder goes aside first, and comes back if the new one cannot take its place
+                trash = self.root / f".trash-{old}-{uuid.uuid4().hex[:8]}"
+                os.rename(source, trash)
+                try:
+                    os.rename(temp, self.root / new)
+                except BaseException:
+                    os.rename(trash, source)
+                    raise
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(temp, self.root / new)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
-        self.delete(old)
+        if not case_only:
+            self.delete(old)
         return self.get(new)
 
     def delete(self, name: str) -> None:
@@ -289,63 +328,32 @@ class SubjectLibrary:
         has_residual = self.get(name).has_residual
         if not has_residual and not include_photos:
             raise InputError(f"'{name}' is an instant subject: its photos are all it has, so export them too")
+        dest = export_path(dest, name, self.root)  # checked before anything is read or written
         residuals = dict(self.residuals(name)) if has_residual else {}
         images = [("thumbnail", THUMBNAIL)] if (folder / THUMBNAIL).is_file() else []
         if include_photos:
             images += [(f"photo.{i}", p) for i, p in enumerate(meta.get("photos", []))]
             images += [(f"mask.{i}", p) for i, p in enumerate(meta.get("masks", []))]
-        images_out = {}
-        for key, file_name in images:
-            with Image.open(folder / file_name) as image:
-                images_out[key] = torch.from_numpy(np.array(image.convert("L" if key.startswith("mask") else "RGB")))
+        images_out = image_tensors(folder, images, f"subject '{name}'")
         if not include_photos:
             meta = {**meta, "photos": [], "masks": []}
-        dest = Path(dest).expanduser()
-        if dest.is_dir() or not dest.suffix:  # a folder (existing, or to be made)
-            dest = dest / f"{name}.safetensors"
-        if dest.suffix != ".safetensors":
-            raise InputError(f"export to a .safetensors file (got {dest.name})")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-        save_file(pack_export(residuals, images_out), str(partial), metadata={EXPORT_KEY: json.dumps(meta)})
-        os.replace(partial, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            save_file(pack_export(residuals, images_out), str(partial), metadata={EXPORT_KEY: json.dumps(meta)})
+            os.replace(partial, dest)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise InputError(f"cannot write {dest}: {error.strerror or error}") from None
         return dest
 
     def import_file(self, path: str | Path, name: str | None = None, overwrite: bool = False) -> SubjectInfo:
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise InputError(f"{path.name}: is a folder; import a subject from a .safetensors file exported by Troupe")
         if path.suffix != ".safetensors" or not path.is_file():
             raise InputError(f"{path.name}: import a subject from a .safetensors file exported by Troupe")
-        try:
-            with safe_open(str(path), framework="pt") as file:
-                header = file.metadata() or {}
-                tensors = {key: file.get_tensor(key) for key in file.keys()}
-        except Exception as error:  # not a safetensors file
-            raise InputError(f"{path.name}: not a readable safetensors file ({error})") from error
-        tensors = unpack_export(tensors, path.name)
-        if EXPORT_KEY not in header:
-            raise InputError(f"{path.name}: no Troupe subject metadata in this file")
-        try:
-            meta = json.loads(header[EXPORT_KEY])
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path.name}: the subject metadata is not valid JSON") from error
-        meta = validate_meta(meta, path.name)
-        allowed = (
-            set(ENCODER_KEYS)
-            | {"thumbnail"}
-            | {f"photo.{i}" for i in range(len(meta.get("photos", [])))}
-            | {f"mask.{i}" for i in range(len(meta.get("masks", [])))}
-        )
-        unknown = set(tensors) - allowed
-        if unknown:
-            raise InputError(f"{path.name}: unexpected tensors {', '.join(sorted(unknown))}")
-        residuals = None
-        if meta.get("residual", True):
-            residuals = check_residuals({k: v for k, v in tensors.items() if k in ENCODER_KEYS}, path.name)
-        photos = [to_image(tensors[f"photo.{i}"], "RGB", path.name) for i in range(len(meta.get("photos", [])))]
-        masks = [to_image(tensors[f"mask.{i}"], "L", path.name) for i in range(len(meta.get("masks", [])))]
-        if not photos and "thumbnail" in tensors:
-            photos = [to_image(tensors["thumbnail"], "RGB", path.name)]
-            masks = [Image.new("L", photos[0].size, 255)]
+        meta, residuals, photos, masks = read_export(path)
         info = SubjectInfo(
             name=check_subject_name(name or meta["name"]),
             class_word=meta["class_word"],

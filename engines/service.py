@@ -167,13 +167,25 @@ class Studio:
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> SubjectInfo:
+        from engines.images import check_photos
         from engines.register import register_subject
+        from engines.subject_files import check_class_tokens
 
+        self.library.check_free(request.name)
+        check_photos(request.photos)  # a bad photo is one line before the model loads, not after
         with self._gpu:
+            check_class_tokens(self.bundle.tokenizers, request.class_word)
             return register_subject(self.bundle, request, self.library, on_progress, cancel)
 
     def subjects(self) -> list[SubjectInfo]:
         return self.library.list()
+
+    def check_library(self, repair: bool = False) -> list:
+        """The library's broken or foreign entries (engines.types.subjects.LibraryProblem), moved aside with
+        `repair` (engines/library_check.py)."""
+        from engines.library_check import check_library
+
+        return check_library(self.library, repair)
 
     def rename_subject(self, old: str, new: str) -> SubjectInfo:
         return self.library.rename(old, new)

@@ -5,6 +5,7 @@ Everything here checks what it reads before anything is written (engines/library
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from datetime import datetime
@@ -16,6 +17,8 @@ import torch
 from PIL import Image
 
 from engines.types import FAMILIES, InputError, check_keys, check_subject_name
+from engines.types.checks import control_free
+from engines.types.subjects import CLASS_WORD_CHARS, check_class_word
 
 FORMAT_VERSION = 1
 ENCODER_KEYS = ("text_encoder", "text_encoder_2")
@@ -23,6 +26,17 @@ RESIDUALS = "residuals.safetensors"
 META = "subject.json"
 THUMBNAIL = "thumbnail.png"
 THUMBNAIL_SIDE = 128
+# A residual row's RMS (its L2 norm / √width) may be at most this. Δ is added to the text encoder's output at the class
+# tokens (Cones 2 Eq. 6); those outputs come out of a layer norm with an RMS of about 1 (the demo encoder's tokens have
+# norms 10.4–12.0 at width 128, i.e. RMS 0.92–1.06; CLIP's and OpenCLIP's are of the same order), and a trained Δ
+# moves them by a fraction of that. 100× the token itself is far beyond any training yet still far from fp16's
+# overflow (an element is at most 100·√2048 ≈ 4,500 < 65,504): a bigger residual — an imported 1e30 — only turns every
+# picture black, so it is refused with the file's name.
+MAX_RESIDUAL_RMS = 100.0
+# A class word may take at most this many tokens of a tokenizer: the longest sentence of the registration bank has
+# 30 tokens besides the class word, so with 32 every sentence still fits CLIP's 77-token window (and a prompt has room
+# for its other words); a longer "word" would be cut off or crash the tokenized bank.
+MAX_CLASS_TOKENS = 32
 MAX_CURVE_POINTS = 100  # the stored loss curve is averaged down to this many points (keeps subject.json small)
 EXPORT_KEY = "troupe_subject"
 # An exported file's tensors live under one prefix (layout 2; layout 1 used bare names: text_encoder, photo.0, ...).
@@ -70,6 +84,12 @@ def check_residuals(residuals: dict[str, torch.Tensor], where: str) -> dict[str,
         value = value.detach().to("cpu", torch.float32).contiguous()
         if not torch.isfinite(value).all():
             raise InputError(f"{where}: residual '{key}' has NaN or infinite values")
+        rms = float((value.double().square().mean(dim=1)).sqrt().max())  # the largest row's RMS
+        if rms > MAX_RESIDUAL_RMS:
+            raise InputError(
+                f"{where}: residual '{key}' is absurdly large (RMS {rms:.3g}; a trained residual stays below "
+                f"{MAX_RESIDUAL_RMS:g}): the file is damaged or not a Troupe subject"
+            )
         out[key] = value
     counts = {v.shape[0] for v in out.values()}
     if len(counts) != 1:
@@ -86,7 +106,21 @@ def photo_loss(stats: dict[str, Any]) -> tuple[float, float] | None:
     return None
 
 
-def validate_meta(meta: Any, where: str) -> dict[str, Any]:
+def check_class_tokens(tokenizers: list, class_word: str) -> None:
+    """The class word fits every tokenizer of the loaded model with room for a sentence around it."""
+    for tokenizer in tokenizers:
+        count = len(tokenizer(class_word, add_special_tokens=False).input_ids)
+        if not 1 <= count <= MAX_CLASS_TOKENS:
+            raise InputError(
+                f"the class word {class_word!r} takes {count} tokens of the text encoder (1–{MAX_CLASS_TOKENS} "
+                "fit): use a shorter word"
+            )
+
+
+def validate_meta(meta: Any, where: str, strict: bool = True) -> dict[str, Any]:
+    """subject.json checked key by key. `strict` (imports, new subjects) holds the class word to today's rule; a
+    subject already in the library (`strict=False`) keeps a class word from before it, unless it holds control
+    characters, which are never shown raw."""
     required = ("format_version", "name", "class_word", "family", "fingerprint", "created", "steps")
     check_keys(meta, where, _META_KEYS, required)
     for key, kind in _META_KEYS.items():
@@ -97,8 +131,14 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
             f"{where}: format version {meta['format_version']} is not supported (this Troupe reads {FORMAT_VERSION})"
         )
     check_subject_name(meta["name"])
-    if not meta["class_word"].strip() or len(meta["class_word"]) > 100:
-        raise InputError(f"{where}: the class word must be 1–100 characters")
+    if strict:
+        check_class_word(meta["class_word"], f"{where}: the class word")
+    elif not (control_free(meta["class_word"]) and meta["class_word"].strip()):
+        raise InputError(f"{where}: the class word is empty or holds control characters")
+    elif len(meta["class_word"]) > CLASS_WORD_CHARS:
+        raise InputError(f"{where}: the class word must be 1–{CLASS_WORD_CHARS} characters")
+    if not (control_free(meta["fingerprint"]) and len(meta["fingerprint"]) <= 64):
+        raise InputError(f"{where}: 'fingerprint' must be a short plain string")
     if meta["family"] not in FAMILIES:
         raise InputError(f"{where}: unknown model family '{meta['family']}'")
     if meta["steps"] < 0:
@@ -112,7 +152,12 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
             raise InputError(f"{where}: the loss curve must hold finite numbers")
     for key in ("photos", "masks"):
         for file_name in meta.get(key, []):
-            if not isinstance(file_name, str) or Path(file_name).name != file_name or not file_name.endswith(".png"):
+            if (
+                not isinstance(file_name, str)
+                or Path(file_name).name != file_name
+                or not file_name.endswith(".png")
+                or not control_free(file_name)
+            ):
                 raise InputError(f"{where}: bad file name in '{key}': {file_name!r}")
     if not meta.get("residual", True) and not meta.get("photos"):
         raise InputError(f"{where}: a subject without a residual needs its photos")
@@ -126,6 +171,20 @@ def to_image(tensor: torch.Tensor, mode: str, where: str) -> Image.Image:
     if not ok or min(tensor.shape[:2]) < 1 or max(tensor.shape[:2]) > 4096:
         raise InputError(f"{where}: an embedded image has a bad shape or type")
     return Image.fromarray(tensor.numpy()).convert(mode)
+
+
+def image_tensors(folder: Path, images: list[tuple[str, str]], where: str) -> dict[str, torch.Tensor]:
+    """The (key, file name) images of a subject folder as uint8 tensors for an export: masks (H, W), others (H, W, 3)."""
+    out = {}
+    for key, file_name in images:
+        try:
+            with Image.open(folder / file_name) as image:
+                pixels = np.array(image.convert("L" if key.startswith("mask") else "RGB"))
+        except (OSError, SyntaxError, ValueError) as error:
+            raise InputError(f"{where}: {file_name} is unreadable ({type(error).__name__}): "
+                             "python -m studio subjects check") from None  # fmt: skip
+        out[key] = torch.from_numpy(pixels)
+    return out
 
 
 def fsync(path: Path) -> None:
@@ -175,3 +234,62 @@ def unpack_export(tensors: dict[str, torch.Tensor], where: str) -> dict[str, tor
             raise InputError(f"{where}: unexpected tensor {key}")
         out[name] = value
     return out
+
+
+def read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, list, list]:
+    """An exported subject file checked whole: (subject.json, residuals or None, photos, masks). Every way a file can
+    be wrong — not safetensors, no or bad metadata, tensors missing, extra or of the wrong kind — is an InputError
+    naming the file; nothing is written."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            header = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as error:  # safetensors raises its own error types for a file that is not one of its own
+        raise InputError(f"{path.name}: not a readable safetensors file ({type(error).__name__})") from None
+    tensors = unpack_export(tensors, path.name)
+    if EXPORT_KEY not in header:
+        raise InputError(f"{path.name}: no Troupe subject metadata in this file")
+    try:
+        meta = json.loads(header[EXPORT_KEY])
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
+        raise InputError(f"{path.name}: the subject metadata is not valid JSON") from None
+    meta = validate_meta(meta, path.name)
+    counts = {"photo": len(meta.get("photos", [])), "mask": len(meta.get("masks", []))}
+    if counts["photo"] != counts["mask"]:
+        raise InputError(f"{path.name}: {counts['photo']} photos but {counts['mask']} masks")
+    images = {f"{kind}.{i}" for kind, n in counts.items() for i in range(n)}
+    unknown = set(tensors) - set(ENCODER_KEYS) - {"thumbnail"} - images
+    if unknown:
+        raise InputError(f"{path.name}: unexpected tensors {', '.join(sorted(unknown))}")
+    missing = images - set(tensors)
+    if missing:
+        raise InputError(f"{path.name}: the metadata lists images the file lacks: {', '.join(sorted(missing))}")
+    residuals = None
+    if meta.get("residual", True):
+        residuals = check_residuals({k: v for k, v in tensors.items() if k in ENCODER_KEYS}, path.name)
+    elif set(tensors) & set(ENCODER_KEYS):
+        raise InputError(f"{path.name}: an instant subject carries no residual, but this file has one")
+    photos = [to_image(tensors[f"photo.{i}"], "RGB", path.name) for i in range(counts["photo"])]
+    masks = [to_image(tensors[f"mask.{i}"], "L", path.name) for i in range(counts["mask"])]
+    if not photos and "thumbnail" in tensors:
+        photos = [to_image(tensors["thumbnail"], "RGB", path.name)]
+        masks = [Image.new("L", photos[0].size, 255)]
+    return meta, residuals, photos, masks
+
+
+def export_path(dest: str | Path, name: str, root: Path) -> Path:
+    """Where an export of subject `name` goes: a .safetensors file, or `<name>.safetensors` in a folder; never a
+    device, a special file or the library `root` itself (an export there would be a foreign entry in it)."""
+    dest = Path(dest).expanduser()
+    if dest.is_dir() or (not dest.suffix and not dest.exists()):  # a folder (existing, or to be made)
+        dest = dest / f"{name}.safetensors"
+    if dest.exists() and not dest.is_file():
+        raise InputError(f"cannot export to {dest}: it is not a regular file")
+    if dest.suffix != ".safetensors":
+        raise InputError(f"export to a .safetensors file or a folder (got {dest.name})")
+    library = root.resolve()
+    if library == dest.resolve().parent or library in dest.resolve().parents:
+        raise InputError(f"cannot export to {dest}: it is inside the library folder; pick another place")
+    return dest

@@ -26,7 +26,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engines.relations.presets import Relation
-from engines.types import InputError, RelationInfo, check_relation_name
+from engines.types import InputError, RelationInfo
+from engines.types import check_relation_name as _check_name
+from engines.types.checks import require, reserved_name
+
+
+def check_relation_name(name: str) -> str:
+    """The relation name rule, and no Windows device name (CON, NUL, COM1...): the name is a folder."""
+    _check_name(name)
+    require(not reserved_name(name), f"relation name {name!r} is a device name on Windows: pick another")
+    return name
+
 
 LORA, CARD, CARD_KEY = "lora.safetensors", "relation.json", "troupe_relation"
 FORMATS = ("diffusers", "kohya")

@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.types.checks import require
+from engines.types.checks import control_free, require, reserved_name
 from engines.types.tables import LIMITS
 
 SUBJECT_NAME_RULE = "1–40 letters, digits, '_' or '-', starting with a letter or digit"
+CLASS_WORD_RULE = "1–100 characters: letters (any language), digits, spaces and - ' ."
+CLASS_WORD_CHARS = 100
+# Letters of any script (a person may say "chien" or "猫") and the marks that some scripts write letters with; no
+# symbols: an emoji or a pictograph is not a word the text encoder was trained to name things with, and the residual
+# is learned on the class word's tokens.
+_CLASS_WORD_CATEGORIES = ("L", "M", "N")
 
 
 def check_subject_name(name: str) -> str:
-    """A subject's name is also its folder name and its `<name>` in prompts, so it is kept strictly simple."""
+    """A subject's name is also its folder name and its `<name>` in prompts, so it is kept strictly simple. Two names
+    that differ only in case are one folder on macOS and Windows: the library compares them without case."""
     ok = isinstance(name, str) and 1 <= len(name) <= 40 and name[0].isascii() and name[0].isalnum()
     ok = ok and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)
     require(ok, f"subject name {name!r} is not allowed: use {SUBJECT_NAME_RULE}")
+    require(not reserved_name(name), f"subject name {name!r} is a device name on Windows: pick another")
     return name
+
+
+def check_class_word(word: str, where: str = "the class word") -> str:
+    """The class word (dog, coffee mug, teddy bear) before any work is done on it; returned with its spaces
+    normalised. How many tokens it takes is checked against the model's tokenizer when the model is there."""
+    require(isinstance(word, str), f"{where} must be text")
+    require(control_free(word), f"{where} {word!r} holds control characters (newline, escape...): type plain words")
+    word = " ".join(word.split())
+    require(bool(word), f"{where} is empty: say what the subject is (dog, mug, toy...)")
+    require(len(word) <= CLASS_WORD_CHARS, f"{where} must be at most {CLASS_WORD_CHARS} characters (got {len(word)})")
+    odd = sorted({c for c in word if c not in " -'." and unicodedata.category(c)[0] not in _CLASS_WORD_CATEGORIES})
+    require(not odd, f"{where} {word!r} has {' '.join(odd)}: use {CLASS_WORD_RULE}")
+    return word
 
 
 @dataclass(frozen=True)
@@ -136,7 +158,7 @@ class RegisterRequest:
 
     def __post_init__(self) -> None:
         check_subject_name(self.name)
-        require(bool(self.class_word.strip()), "the class word is empty: say what the subject is (dog, mug, toy...)")
+        check_class_word(self.class_word)
         require(
             1 <= len(self.photos) <= LIMITS.photos,
             f"give 1–{LIMITS.photos} photos of the subject (got {len(self.photos)})",
@@ -145,3 +167,12 @@ class RegisterRequest:
             self.preset in REGISTER_PRESETS,
             f"unknown preset '{self.preset}' (choose from {', '.join(REGISTER_PRESETS)})",
         )
+
+
+@dataclass(frozen=True)
+class LibraryProblem:
+    """One entry of the library that is broken or not Troupe's (`python -m studio subjects check`)."""
+
+    entry: str  # its path inside the library, control characters escaped
+    problem: str  # one line
+    moved_to: str | None = None  # where --repair moved it (inside the library's .broken/), else None

@@ -1,4 +1,4 @@
-"""python -m studio subjects {list,delete,rename,export,import,push,pull}: manage the subject library."""
+"""python -m studio subjects {list,check,delete,rename,export,import,push,pull}: manage the subject library."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from engines.types.checks import printable
 from studio.cli.common import add_library_argument, studio_for
 
 
@@ -16,6 +17,14 @@ def add_parsers(subparsers) -> None:
     listing = actions.add_parser("list", help="the registered subjects")
     listing.add_argument("--json", action="store_true", help="one JSON object per subject")
     listing.set_defaults(func=run_list)
+    check = actions.add_parser(
+        "check",
+        help="find broken or foreign entries in the library",
+        description="Lists every entry the library cannot use, with why; exit code 1 when there is one. --repair "
+        "moves them into the library's .broken/ folder (nothing is deleted).",
+    )
+    check.add_argument("--repair", action="store_true", help="move broken entries aside into <library>/.broken/")
+    check.set_defaults(func=run_check)
     delete = actions.add_parser("delete", help="delete a subject")
     delete.add_argument("name")
     delete.set_defaults(func=run_delete)
@@ -43,7 +52,7 @@ def add_parsers(subparsers) -> None:
     pull.add_argument("--name", default=None)
     pull.add_argument("--token", default=None)
     pull.set_defaults(func=run_pull)
-    for action in (listing, delete, rename, export, imported, push, pull):
+    for action in (listing, check, delete, rename, export, imported, push, pull):
         add_library_argument(action)
 
 
@@ -65,10 +74,25 @@ def run_list(args: argparse.Namespace) -> int:
                 )
             )
         else:
-            print(f"{info.name:<20} {info.class_word:<16} {info.family:<6} {info.holds:<17} {info.created[:19]}")
+            # class words come from files (imports, hand edits): escaped, a terminal never runs what they hold
+            word, created = printable(info.class_word), printable(info.created[:19])
+            print(f"{info.name:<20} {word:<16} {info.family:<6} {info.holds:<17} {created}")
     if not subjects and not args.json:
         print("no subjects registered yet", file=sys.stderr)
     return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    studio = studio_for(args, with_model=False)
+    problems = studio.check_library(repair=args.repair)
+    for problem in problems:
+        moved = f"  → moved to {problem.moved_to}" if problem.moved_to else ""
+        print(f"{problem.entry}: {problem.problem}{moved}")
+    if not problems:
+        print(f"{studio.library_dir}: no problems found", file=sys.stderr)
+    elif not args.repair:
+        print(f"{len(problems)} problem(s); --repair moves them into .broken/", file=sys.stderr)
+    return 1 if problems and not args.repair else 0
 
 
 def run_delete(args: argparse.Namespace) -> int:
@@ -92,7 +116,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     info = studio_for(args, with_model=False).import_subject(args.file, args.name)
-    print(f"imported <{info.name}> ({info.class_word}, {info.family})")
+    print(f"imported <{info.name}> ({printable(info.class_word)}, {info.family})")
     return 0
 
 
@@ -106,5 +130,5 @@ def run_pull(args: argparse.Namespace) -> int:
     info = studio_for(args, with_model=False).pull_subject(
         args.repo_id, args.filename, name=args.name, token=args.token
     )
-    print(f"pulled <{info.name}> ({info.class_word}, {info.family})")
+    print(f"pulled <{info.name}> ({printable(info.class_word)}, {info.family})")
     return 0
