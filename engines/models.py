@@ -127,7 +127,15 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device '{device}' asked for, but this machine has no CUDA GPU (use --device cpu)")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # torch's own message lists dozens of device types this app never runs on
+        raise InputError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device '{device}': Troupe runs on cpu, cuda or mps")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"device '{device}': this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return resolved
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -165,26 +173,41 @@ def _load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
             return _load_single_file(path, spec, kwargs)
         if path.suffix in (".ckpt", ".pt", ".bin", ".pth"):
             raise InputError(f"{path.name}: Troupe loads weights only from .safetensors (pickle files can run code)")
+        if path.exists():  # a file, but neither a model folder nor a .safetensors file
+            raise InputError(f"{path} is not a model: give a diffusers folder, a .safetensors file or a Hub id")
         if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
             raise InputError(f"model path {path} does not exist")
         return DiffusionPipeline.from_pretrained(source, **kwargs)
     except InputError:
         raise
-    except (OSError, ValueError) as error:
-        raise InputError(_missing_model_message(source, error)) from error
+    except (OSError, ValueError, KeyError) as error:  # KeyError: a model_index.json without its fields
+        raise InputError(_missing_model_message(source, error, local=path.exists())) from error
 
 
 def _load_single_file(path: Path, spec: ModelSpec, kwargs: dict) -> DiffusionPipeline:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as weights:
-        keys = set(weights.keys())
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            keys = set(weights.keys())
+    except Exception as error:  # safetensors' own error types: not a safetensors file at all
+        raise InputError(f"{path.name}: not a readable safetensors file ({type(error).__name__})") from None
     is_xl = any(k.startswith("conditioner.embedders.1") for k in keys) or spec.family == "sdxl"
     pipeline_class = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    return pipeline_class.from_single_file(str(path), **kwargs)
+    try:
+        return pipeline_class.from_single_file(str(path), **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError) as error:  # weights of something else
+        raise InputError(
+            f"{path.name}: not a Stable Diffusion checkpoint Troupe can read ({type(error).__name__}: {error})"[:300]
+        ) from None
 
 
-def _missing_model_message(source: str, error: Exception) -> str:
+def _missing_model_message(source: str, error: Exception, local: bool = False) -> str:
+    if local:  # a folder or file on this machine: downloading it again is not the cure
+        detail = str(error).splitlines()[0][:200] if str(error) else ""
+        return f"could not load the model at {source} ({type(error).__name__}: {detail}); is it a complete diffusers model?"
     return (
         f"could not load model '{source}' ({type(error).__name__}). If it is a Hub id, this machine may be offline: "
         f"download it where there is network (huggingface-cli download {source}) and pass the folder with "
