@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 
 from engines.types import (
@@ -260,12 +261,34 @@ def reference_config(args: argparse.Namespace) -> ReferenceConfig:
 
 
 def output_paths(out: str, count: int) -> list[Path]:
-    path = Path(out)
+    """The PNG paths of `count` images, checked before anything is generated: never a folder or a special file, and
+    in a folder this process can write in (a probe file is made and removed), so no image is lost after the work."""
+    path = Path(out).expanduser()
     if path.suffix.lower() != ".png":
         raise InputError(f"--out {out}: Troupe writes PNG files (they carry the settings)")
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{k + 1}{path.suffix}") for k in range(count)]
+    paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{k + 1}{path.suffix}") for k in range(count)]
+    for each in paths:
+        if each.exists() and not each.is_file():
+            raise InputError(f"--out {out}: {each} is a folder or a special file, not a PNG file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders that saving will make
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"--out {out}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise InputError(f"--out {out}: cannot write in {folder} ({error.strerror or error})") from None
+    return paths
+
+
+def check_seeds(request: GenerateRequest) -> None:
+    """Image k of a batch uses seed + k: the last one must still be a valid seed (< 2⁶³)."""
+    if request.seed is not None and request.seed + request.num_images - 1 > 2**63 - 1:
+        raise InputError(
+            f"--seed {request.seed} with {request.num_images} images: seed + {request.num_images - 1} must be "
+            f"at most 2⁶³−1 (use a seed ≤ {2**63 - request.num_images})"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -279,13 +302,14 @@ def run(args: argparse.Namespace) -> int:
         request = build_request(args, prompt, layout)
     else:
         request = build_request(args)
+    paths = output_paths(args.out, request.num_images)  # before the model loads (with_default_fit loads it)
+    check_seeds(request)
     if not args.reuse and args.fit == "auto" and not args.fit_boxes:
         chosen = studio.with_default_fit(request)
         if chosen != request:
             fit = chosen.guidance.fit_name
             print(f"box fitting: {fit} (this model's default with boxes; {BOX_FITS[fit].about}; --fit off skips it)")
         request = chosen
-    paths = output_paths(args.out, request.num_images)
     result = studio.generate(request, on_progress=print_progress)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -10,8 +10,8 @@ The canvas value is one JSON string. The browser writes it after every gesture; 
 
 - `width`, `height`: the canvas in pixels (whole numbers in LIMITS.min_side..LIMITS.max_side); boxes are relative
   to it, so the same canvas serves any output size.
-- `regions`: at most LIMITS.regions. `box` is [x0, y0, x1, y1] as fractions of the canvas in [0, 1] (values
-  outside are clamped), top-left origin. The list runs back to front: a region's layer is its index (0 = back)
+- `regions`: at most LIMITS.regions. `box` is [x0, y0, x1, y1] as fractions of the canvas in [0, 1], top-left
+  origin; a number outside [0, 1] (or not a finite number) is refused, as the CLI's --box refuses it. The list runs back to front: a region's layer is its index (0 = back)
   unless it carries an optional integer `layer` ≥ 0, which then sets its layer; where boxes overlap, the higher
   layer owns the pixels, and on equal layers the later region does.
 - `label`: `<name>` binds the registered subject `name` (its class word becomes the region's phrase); anything
@@ -24,6 +24,7 @@ The canvas value is one JSON string. The browser writes it after every gesture; 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,13 @@ def load(text: str | None) -> dict[str, Any]:
     try:
         data = json.loads(text or "{}")
     except (json.JSONDecodeError, TypeError) as error:
-        raise InputError(f"the canvas data is not valid JSON: {error}") from error
+        raise InputError(f"the canvas data is not valid JSON: {error}") from None
+    except RecursionError:  # JSON nested thousands of levels deep
+        raise InputError("the canvas data is nested too deeply to be a canvas") from None
     check_keys(data, "canvas", CANVAS_KEYS)
+    suggestions = data.get("suggestions") or []
+    if not (isinstance(suggestions, list) and all(isinstance(v, str) for v in suggestions)):
+        raise InputError("canvas suggestions must be a list of labels (text)")
     regions = data.get("regions") or []
     if not isinstance(regions, list) or len(regions) > LIMITS.regions:
         raise InputError(f"the canvas holds at most {LIMITS.regions} regions")
@@ -94,7 +100,7 @@ def load(text: str | None) -> dict[str, Any]:
     return {
         "width": width,
         "height": height,
-        "suggestions": list(data.get("suggestions") or []),
+        "suggestions": list(suggestions),
         "regions": [_clean_region(region, index) for index, region in enumerate(regions)],
     }
 
@@ -105,6 +111,10 @@ def _clean_region(region: Any, index: int) -> dict[str, Any]:
     box = region["box"]
     if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
         raise InputError(f"{where}: box must be four numbers x0,y0,x1,y1")
+    if not all(0.0 <= v <= 1.0 for v in box):
+        raise InputError(f"{where}: box {box} must lie inside the canvas (every number in [0, 1])")
+    if not all(isinstance(region.get(key) or "", (str, int)) for key in ("id", "label")):
+        raise InputError(f"{where}: id and label must be text")
     clean = {
         "id": str(region.get("id") or f"r{index + 1}"),
         "label": str(region.get("label") or ""),
@@ -122,7 +132,9 @@ def _whole(value: Any) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # math.isfinite overflows on a huge int
 
 
 def canvas_to_layout(text: str | None, class_words: Mapping[str, str]) -> Layout:
@@ -133,7 +145,7 @@ def canvas_to_layout(text: str | None, class_words: Mapping[str, str]) -> Layout
         where = f"region {index + 1}"
         if not label:
             raise InputError(f"{where} has no name: type words of the prompt or <subject> in the layer list")
-        box = tuple(round(min(max(v, 0.0), 1.0), 4) for v in region["box"])
+        box = tuple(round(v, 4) for v in region["box"])  # in [0, 1]: load() refuses anything else
         if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
             raise InputError(f"{where} ('{label}') has a box of zero size: drag it larger")
         layer = region.get("layer", index)
