@@ -9,7 +9,10 @@ kohya's convolution LoRAs).
 Applying is by hand, on purpose: the update is added to the weights for the request and the saved weights are put
 back afterwards, bit for bit. diffusers' fuse/unfuse subtracts again (not exact), and peft's switchable adapters
 would compete with the reference adapter's per-call switch (engines/references.py) and add two matmuls per projection
-at every step; merged weights cost nothing per step. A quantized layer cannot be merged into and is refused.
+at every step; merged weights cost nothing per step. A layer quantized by torchao (weight-only int8) is merged by
+swapping its weight for the float dequantized weight plus the update for the request (the quantized tensor goes
+back afterwards, the same object); bitsandbytes' int8/nf4 layers run their own kernels on their own parameter types,
+which a float weight cannot stand in for, so LoRAs on them are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from engines.types import InputError, LoraRef
 
+BITSANDBYTES_WEIGHTS = ("Params4bit", "Int8Params")  # bitsandbytes' parameter types (int8/nf4 quantization)
 PARTS = ("unet", "text_encoder", "text_encoder_2")  # where a LoRA's modules live in a pipeline
 FAMILY_BY_CONTEXT = {768: "SD 1.5", 1024: "SD 2.x", 2048: "SDXL"}  # the cross-attention's text width
 FAMILY_NAMES = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "demo": "the demo model"}
@@ -152,9 +156,23 @@ def lora_updates(bundle, loras: Sequence[LoraRef]) -> list[tuple[tuple[LoraUpdat
     found = []
     for lora in loras:
         updates = read_lora(lora.path, type(bundle.pipe))
+        _refuse_bitsandbytes(updates, bundle, Path(lora.path).name)
         check_family(updates, bundle, Path(lora.path).name)
         found.append((updates, lora.scale))
     return found
+
+
+def _refuse_bitsandbytes(updates: Sequence[LoraUpdate], bundle, name: str) -> None:
+    for update in updates:
+        part = getattr(bundle.pipe, update.part, None)
+        if part is not None and any(type(p).__name__ in BITSANDBYTES_WEIGHTS for p in part.parameters()):
+            raise InputError(f"LoRA {name}: LoRAs cannot be merged into a bitsandbytes int8/nf4 {update.part}; use "
+                             "quantization torchao-int8 or none to apply them")  # fmt: skip
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    """A torchao weight: a tensor subclass that dequantizes (bitsandbytes' are refused before any merge)."""
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "dequantize")
 
 
 @contextmanager
@@ -167,14 +185,20 @@ def applied(bundle, loras: Sequence[tuple[Sequence[LoraUpdate], float]]) -> Iter
             for updates, scale in loras:
                 for update in updates:
                     layer = _target(bundle, update)
-                    if type(layer.weight).__name__ in ("Params4bit", "Int8Params"):
-                        raise InputError("LoRAs cannot be merged into a quantized model: choose a preset without "
-                                         "int8/nf4 to use them")  # fmt: skip
-                    saved.setdefault(id(layer), (layer, layer.weight.detach().clone()))
+                    if id(layer) not in saved:
+                        weight = layer.weight
+                        if _is_quantized(weight):  # the request runs on the float weight; the int8 one waits
+                            saved[id(layer)] = (layer, weight)
+                            layer._parameters["weight"] = torch.nn.Parameter(weight.dequantize(), requires_grad=False)
+                        else:
+                            saved[id(layer)] = (layer, weight.detach().clone())
                     delta = _delta(update, scale).to(layer.weight.device)
                     layer.weight.copy_((layer.weight.float() + delta).to(layer.weight.dtype))
         yield
     finally:
         with torch.no_grad():
             for layer, weight in saved.values():
-                layer.weight.copy_(weight)
+                if _is_quantized(weight):
+                    layer._parameters["weight"] = weight  # the very tensor it had: bit for bit
+                else:
+                    layer.weight.copy_(weight)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +15,13 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from engines.types import InputError, ModelSpec
+from engines.types.tables import QUANTIZATIONS, Quantization
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
 DEMO_REFERENCE_ADAPTER = DEMO_MODEL_DIR / "reference_adapter.safetensors"  # made by `studio references train`
 NATIVE_SIZE = {"sd15": 512, "sd2": 512, "sdxl": 1024}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-QUANT_BACKENDS = {
-    "int8": ("bitsandbytes_8bit", {"load_in_8bit": True}),
-    "nf4": (
-        "bitsandbytes_4bit",
-        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16},
-    ),
-}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -114,7 +109,8 @@ def text_encoder_fingerprint(pipe: DiffusionPipeline) -> str:
         encoder = getattr(pipe, name, None)
         if encoder is None:
             continue
-        digest.update(json.dumps(encoder.config.to_dict(), sort_keys=True, default=str).encode())
+        config = {k: v for k, v in encoder.config.to_dict().items() if k != "quantization_config"}  # same weights
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         embedding = encoder.get_input_embeddings().weight.detach()
         digest.update(embedding.float().sum(dim=1).cpu().numpy().round(3).tobytes())  # robust to dtype casts
     return digest.hexdigest()[:16]
@@ -147,18 +143,22 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _check_accelerator_options(spec: ModelSpec, device: torch.device) -> None:
-    if spec.quantization != "none":
-        if device.type != "cuda":
-            raise InputError(f"{spec.quantization} quantization needs a CUDA GPU; this run is on {device.type}")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise InputError(f"{spec.quantization} quantization needs bitsandbytes: pip install bitsandbytes")
+    quantization = QUANTIZATIONS[spec.quantization]
+    if quantization.cuda_only and device.type != "cuda":
+        cpu = ", ".join(k for k, q in QUANTIZATIONS.items() if q.backend and not q.cuda_only)
+        raise InputError(f"{spec.quantization} quantization needs a CUDA GPU; on {device.type} use {cpu}")
+    if quantization.backend and importlib.util.find_spec(quantization.backend) is None:
+        raise InputError(
+            f"{spec.quantization} quantization needs {quantization.backend}: pip install {quantization.backend}"
+        )
     if spec.offload != "none" and device.type != "cuda":
         raise InputError(f"{spec.offload} offload moves weights between CPU and GPU; it needs a CUDA GPU")
 
 
-def _load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
+def _load_pipeline(spec: ModelSpec, dtype: torch.dtype, components: dict | None = None) -> DiffusionPipeline:
+    """The pipeline of spec.source; `components` already loaded are passed in instead of loaded again."""
     source = str(DEMO_MODEL_DIR) if spec.source == "demo" else spec.source
-    kwargs = {"dtype": dtype, **_quantization_kwargs(spec)}
+    kwargs = {"dtype": dtype, **_quantization_kwargs(spec), **(components or {})}
     path = Path(source).expanduser()
     if spec.source == "demo" and not (path / "model_index.json").exists():
         raise InputError(f"the demo model is missing from {path}; rebuild it: python -m demo_world.train")
@@ -216,13 +216,53 @@ def _missing_model_message(source: str, error: Exception, local: bool = False) -
 
 
 def _quantization_kwargs(spec: ModelSpec) -> dict:
-    if spec.quantization == "none":
+    """diffusers' pipeline quantization config for a row of QUANTIZATIONS: the UNet by diffusers' config class of the
+    backend, the text encoders (when the row asks) by transformers' class of the same name and arguments."""
+    quantization = QUANTIZATIONS[spec.quantization]
+    if quantization.backend is None:
         return {}
+    import diffusers
+    import transformers
     from diffusers.quantizers import PipelineQuantizationConfig
 
-    backend, options = QUANT_BACKENDS[spec.quantization]
-    components = ["unet", "text_encoder", "text_encoder_2"]
-    return {"quantization_config": PipelineQuantizationConfig(backend, options, components_to_quantize=components)}
+    name, options = _backend_options(quantization)
+    mapping = {"unet": getattr(diffusers, name)(**options)}
+    if quantization.text_encoders:
+        mapping |= {encoder: getattr(transformers, name)(**options) for encoder in TEXT_ENCODERS}
+    return {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping)}
+
+
+def _backend_options(quantization: Quantization) -> tuple[str, dict]:
+    """The config class (the same name in diffusers and transformers) and its arguments for a row of QUANTIZATIONS."""
+    if quantization.backend == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        # weight-only: activations stay float, so it runs on any device and gradients reach the inputs (registration
+        # and box fitting backpropagate through the frozen UNet)
+        return "TorchAoConfig", {"quant_type": Int8WeightOnlyConfig()}
+    if quantization.weights == "int8":
+        return "BitsAndBytesConfig", {"load_in_8bit": True}
+    return "BitsAndBytesConfig", {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": torch.bfloat16,
+    }
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether any weight of `module` is stored quantized (bitsandbytes parameters, torchao tensor subclasses)."""
+    return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in module.parameters())
+
+
+def float_text_encoders(bundle: ModelBundle) -> list[torch.nn.Module]:
+    """The bundle's text encoders in float: themselves, or when they were quantized (for generation only) a float
+    copy loaded again from the model's source, with the UNet and VAE already loaded passed in so they are not."""
+    if not any(is_quantized(e) for e in bundle.text_encoders):
+        return bundle.text_encoders
+    pipe = bundle.pipe
+    reuse = {k: v for k, v in pipe.components.items() if k not in TEXT_ENCODERS and v is not None}
+    plain = _load_pipeline(replace(bundle.spec, quantization="none"), torch.float32, reuse)
+    return [getattr(plain, name) for name in TEXT_ENCODERS if getattr(plain, name, None) is not None]
 
 
 def _place(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> None:

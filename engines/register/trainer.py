@@ -23,6 +23,7 @@ import torch
 
 from engines.checkpoint import Checkpoint, TrainingState
 from engines.images import PreparedPhoto
+from engines.models import float_text_encoders, is_quantized
 from engines.register.backbone import Backbone
 from engines.register.condition import class_rows, unet_condition
 from engines.register.data import TrainingData, encode_training_data
@@ -68,11 +69,8 @@ class _Curves:
 
 def _trainable_copy(encoder: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """An fp32 copy of a text encoder, detached from any offload hooks of the pipeline."""
-    if any(not p.is_floating_point() for p in encoder.parameters()):
-        raise InputError(
-            "registering a subject trains a copy of the text encoder, which cannot be quantized: load "
-            "the model with quantization none for registration (the UNet may stay quantized)"
-        )
+    if is_quantized(encoder):  # float_text_encoders gives float ones; this says so if that ever changes
+        raise InputError("registering a subject trains a copy of the text encoder, which cannot be quantized")
     tuned = copy.deepcopy(encoder)
     try:
         from accelerate.hooks import remove_hook_from_module
@@ -294,7 +292,9 @@ def train_subject(
     """Tune a copy of the bundle's text encoder(s) on the photos and return Δ, the loss curve and the run's stats."""
     backbone = Backbone.of(bundle)
     class_word = " ".join(request.class_word.split())
-    encoders = tuple(_trainable_copy(e, backbone.device) for e in bundle.text_encoders)
+    # a quantized model's encoders were quantized for generation only: E^custom and the frozen E of Eq. 3 are the
+    # float originals (engines/models.py loads them again), so Δ measures the same difference as on a float model
+    encoders = tuple(_trainable_copy(e, backbone.device) for e in float_text_encoders(bundle))
     data = encode_training_data(backbone, bundle.tokenizers, encoders, class_word, preset, prepared, request.use_masks)
     eval_before = photo_loss(backbone, data, encoders)
     checkpointing = preset.gradient_checkpointing or backbone.needs_gradient_checkpointing()

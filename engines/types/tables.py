@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 FAMILIES: tuple[str, ...] = ("sd15", "sd2", "sdxl", "demo")
-QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "nf4")
 OFFLOADS: tuple[str, ...] = ("none", "model", "sequential")
 DTYPES: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")  # what a machine preset may name (any torch device works)
@@ -30,6 +29,41 @@ class Limits:
 
 
 LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a model's weights are quantized on load (engines/models.py), through diffusers' quantization configs."""
+
+    title: str
+    backend: str | None  # "bitsandbytes" (CUDA only) or "torchao" (CPU and CUDA); None: full precision
+    weights: str  # what the weights become: "int8", "nf4" or "int8-weight-only"
+    text_encoders: bool = False  # also the text encoders (generation only: registration loads float copies)
+    about: str = ""
+
+    @property
+    def cuda_only(self) -> bool:
+        return self.backend == "bitsandbytes"
+
+
+# The UNet holds 70-85% of the weights, so it is what the presets quantize. Quantizing the text encoders too saves
+# ~0.25 GB on SD 1.5 and ~0.9 GB on SDXL (fp16) but costs registration a reload of the float encoders it trains.
+# The keys "int8" and "nf4" are older than this table (and are what PNGs and saved settings carry); they quantized
+# the text encoders too until registration needed them float.
+QUANTIZATIONS: dict[str, Quantization] = {
+    "none": Quantization("none", None, "", about="the model's own precision"),
+    "int8": Quantization("int8 (bitsandbytes)", "bitsandbytes", "int8", about="UNet in LLM.int8; CUDA"),
+    "nf4": Quantization("nf4 (bitsandbytes)", "bitsandbytes", "nf4", about="UNet in 4-bit NF4; CUDA"),
+    "nf4-all": Quantization(
+        "nf4, text encoders too", "bitsandbytes", "nf4", True, "UNet and text encoders in 4-bit NF4; CUDA"
+    ),
+    "torchao-int8": Quantization(
+        "int8 weight-only (torchao)", "torchao", "int8-weight-only", about="UNet weights int8; CPU or CUDA"
+    ),
+    "torchao-int8-all": Quantization(
+        "int8 weight-only, text encoders too", "torchao", "int8-weight-only", True, "CPU or CUDA"
+    ),
+}
 
 
 @dataclass(frozen=True)
