@@ -79,10 +79,10 @@ class BoxFitter:
         return with_norm_of(latents, model_input / factor).to(latents.dtype)
 
     def _attend(self, model_input: torch.Tensor, timestep, conditioning: dict) -> None:
-        """Run the UNet as far as the energy reads: to its end (depth "full"), up to its middle block ("coarse") or
-        to the last down block with cross-attention ("down"). Objects are placed and sized on the way down; what
-        follows the last layer read is neither run forward nor backward."""
-        last = _last_layer_read(self.unet, self.config.fit_depth)
+        """Run the UNet as far as the energy reads: to its end (depth "full"), up to its middle block ("coarse"), to
+        the last down block with cross-attention ("down"), or by the number of regions ("crowd"). Objects are placed
+        and sized on the way down; what follows the last layer read is neither run forward nor backward."""
+        last = _last_layer_read(self.unet, self.config.fit_depth, len(self.region_positions))
         if last is None:
             self.unet(model_input, timestep, **conditioning)
             return
@@ -95,8 +95,11 @@ class BoxFitter:
             hook.remove()
 
 
-def _last_layer_read(unet, depth: str):
-    """The UNet block after which box fitting's forward may stop (None: it runs to the end)."""
+def _last_layer_read(unet, depth: str, regions: int):
+    """The UNet block after which box fitting's forward may stop (None: it runs to the end). "crowd": the down blocks
+    for one or two regions, the middle block too for more — on the demo bench it kept crowded layouts' shapes."""
+    if depth == "crowd":
+        depth = "down" if regions <= 2 else "coarse"
     if depth == "coarse":
         return unet.mid_block
     if depth == "down":

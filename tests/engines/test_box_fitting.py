@@ -116,10 +116,11 @@ def test_fitting_works_without_forward_guidance(sd15):
     assert np.abs(fitted - unguided).mean() > 0
 
 
-@pytest.mark.parametrize("depth, skipped", [("coarse", "up_blocks"), ("down", "mid_block")])
+@pytest.mark.parametrize("depth, skipped", [("coarse", "up_blocks"), ("down", "mid_block"), ("crowd", "mid_block")])
 def test_shallow_fitting_runs_the_unet_only_as_far_as_it_reads_and_still_lowers_the_energy(sd15, depth, skipped):
     """Coarse fitting stops the UNet after its middle block (no up block runs), down fitting after its last down
-    block with cross-attention (not even the middle block runs); the energy still falls."""
+    block with cross-attention (not even the middle block runs), crowd with two regions as down; the energy still
+    falls."""
     calls = []
     unet = sd15.pipe.unet
     blocks = list(unet.up_blocks) if skipped == "up_blocks" else [unet.mid_block]
@@ -139,7 +140,7 @@ def test_a_png_from_before_fit_depth_fits_as_it_did():
     saved = GenerateRequest(PROMPT, layout=LAYOUT, guidance=GuidanceConfig().fitted()).to_dict()
     del saved["guidance"]["fit_depth"]
     assert GenerateRequest.from_dict(saved).guidance.fit_depth == "full"
-    assert GUIDANCE_MODES["troupe-quick-fit"].config.fit_depth == "coarse"
+    assert GUIDANCE_MODES["troupe-quick-fit"].config.fit_depth == "crowd"
 
 
 def test_drawing_boxes_gets_the_familys_fitting_unless_fitting_was_chosen():

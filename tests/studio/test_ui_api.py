@@ -104,7 +104,7 @@ def test_boxes_are_fitted_as_the_model_family_chooses_and_the_choice_is_reused(c
     guidance, reopened = made_with("auto")
     assert guidance["fit_iterations"] == 0 and reopened == "off"  # auto on SD 1.5: Cones 2's forward guidance
     guidance, reopened = made_with("quick")
-    assert (guidance["fit_iterations"], guidance["fit_depth"]) == (3, "coarse") and reopened == "quick"
+    assert (guidance["fit_iterations"], guidance["fit_depth"]) == (3, "crowd") and reopened == "quick"
 
 
 def test_an_unknown_fitting_is_refused_by_name():
