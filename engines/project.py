@@ -20,6 +20,7 @@ from typing import Any
 
 from engines.presets import read_json
 from engines.types import GenerateRequest, InputError, check_keys
+from engines.types.checks import printable
 
 FORMAT = "troupe-project"
 _KEYS = {"format", "version", "request", "canvas", "subjects", "model", "saved"}
@@ -64,10 +65,12 @@ def parse_project(data: Any) -> Project:
     check_keys(data, "project file", _KEYS)
     if data.get("version") != 1:
         raise InputError(f"project file: unsupported version {data.get('version')!r} (this Troupe reads version 1)")
+    if not isinstance(data.get("request") or {}, dict):
+        raise InputError("project file: request must be a JSON object")
     try:
         request = GenerateRequest.from_dict(data.get("request") or {})
-    except TypeError as error:  # a missing required field such as the prompt
-        raise InputError(f"project file: bad request ({error})") from error
+    except (TypeError, AttributeError, ValueError, KeyError) as error:  # a missing field, or one of the wrong type
+        raise InputError(printable(f"project file: bad request ({type(error).__name__}: {error})")[:300]) from None
     canvas = check_keys(data.get("canvas") or {}, "project file: canvas", ("width", "height"))
     width = canvas.get("width", request.width or 512)
     height = canvas.get("height", request.height or 512)
@@ -86,6 +89,8 @@ def parse_project(data: Any) -> Project:
 
 def read_project(path: str | Path) -> Project:
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"project file {path.name}: {'is a folder' if path.is_dir() else 'no such file'}")
     if path.stat().st_size > MAX_BYTES:
         raise InputError("project file is too large to be a Troupe project")
     return parse_project(read_json(path, "project file"))

@@ -43,7 +43,7 @@ def check_keys(data: Any, where: str, allowed: Iterable[str], required: Iterable
     """The one unknown-key check of every JSON Troupe reads: a typo never silently changes a picture."""
     require(isinstance(data, dict), f"{where} must be a JSON object")
     unknown, missing = set(data) - set(allowed), set(required) - set(data)
-    require(not unknown, f"{where}: unknown keys {', '.join(sorted(map(str, unknown)))}")
+    require(not unknown, f"{where}: unknown keys {', '.join(sorted(printable(str(k)) for k in unknown))}")
     require(not missing, f"{where}: missing keys {', '.join(sorted(missing))}")
     return data
 
