@@ -1,4 +1,5 @@
-"""python -m studio bench: layout quality and speed on the demo world (evals/layout_bench.py)."""
+"""python -m studio bench: layout quality and speed on the demo world (evals/layout_bench.py); --speed: time against
+vanilla diffusers (evals/speed_bench.py)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,33 @@ def add_parsers(subparsers) -> None:
     )
     parser.add_argument("--json", default=None, help="also write the full report here")
     add_reference_arguments(parser, switches=False)
+    add_speed_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    speed = parser.add_argument_group("speed (--speed)")
+    speed.add_argument(
+        "--speed",
+        action="store_true",
+        help="time Troupe's cases against vanilla diffusers' pipeline, interleaved: s/image, ratio, peak memory, "
+        "operators per guided attention call, registration per preset (uses --model/--quantization/--dtype/--steps)",
+    )
+    speed.add_argument(
+        "--random-arch",
+        choices=("sd15", "sdxl", "demo"),
+        default=None,
+        help="full-size SD 1.5 / SDXL shapes with random weights (nothing downloaded), or the demo model",
+    )
+    speed.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's own)")
+    speed.add_argument("--repeats", type=int, default=2, help="timed runs per case after a warm-up")
+    speed.add_argument("--register-presets", default="quick,standard,thorough", help="comma-separated; '' skips")
+    speed.add_argument(
+        "--register-steps",
+        type=int,
+        default=2,
+        help="training steps timed per preset, ≥ 2 (the rest extrapolated); 0: all",
+    )
 
 
 def markdown_table(report: dict) -> str:
@@ -161,7 +188,38 @@ def bench_options(args: argparse.Namespace):
     )
 
 
+def run_speed(args: argparse.Namespace) -> int:
+    from engines.types import REGISTER_PRESETS, InputError
+    from evals.speed_bench import SpeedOptions, run_speed_bench, speed_tables
+
+    presets = tuple(p.strip() for p in args.register_presets.split(",") if p.strip())
+    unknown = [p for p in presets if p not in REGISTER_PRESETS]
+    if unknown or args.steps < 1 or args.repeats < 1 or args.register_steps == 1 or args.register_steps < 0:
+        raise InputError(f"speed bench: steps and repeats ≥ 1, register steps 0 (all) or ≥ 2 (a step's time needs "
+                         f"two), presets from {', '.join(REGISTER_PRESETS)} (got {', '.join(unknown) or 'those'})")  # fmt: skip
+    options = SpeedOptions(
+        model=args.model,
+        random_arch=args.random_arch,
+        size=args.size,
+        steps=args.steps,
+        repeats=args.repeats,
+        quantization=args.quantization,
+        dtype=args.dtype,
+        device=args.device,
+        register_presets=presets,
+        register_steps=args.register_steps or None,
+    )
+    report = run_speed_bench(options)
+    print(speed_tables(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.speed:
+        return run_speed(args)
     options, parts, studio = bench_options(args), bench_parts(args), studio_for(args)
     progress = partial(print_progress, unit="image")
     report = {}
