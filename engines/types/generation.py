@@ -236,6 +236,8 @@ class GenerateRequest:
     references: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
+        for name in ("prompt", "negative_prompt", "scheduler"):  # a job line or project may hold anything
+            require(isinstance(getattr(self, name), str), f"{name} must be text")
         require(bool(self.prompt.strip()), "the prompt is empty: describe the picture first")
         require(whole(self.steps, 1, LIMITS.steps), f"steps must be an integer in 1..{LIMITS.steps}")
         require(finite(self.cfg) and 0.0 <= self.cfg <= LIMITS.cfg, f"CFG must be a number in 0..{LIMITS.cfg:g}")
@@ -243,7 +245,11 @@ class GenerateRequest:
             self.scheduler in SCHEDULERS, f"unknown scheduler '{self.scheduler}' (choose from {', '.join(SCHEDULERS)})"
         )
         require(whole(self.num_images, 1, LIMITS.images), f"number of images must be 1..{LIMITS.images}")
-        require(self.seed is None or whole(self.seed, 0, 2**63 - 1), "seed must be an integer ≥ 0")
+        last = 2**63 - self.num_images  # image k uses seed + k, and torch's generator takes at most 2⁶³−1
+        require(
+            self.seed is None or whole(self.seed, 0, last),
+            f"seed must be an integer in 0..{last}: image k of {self.num_images} uses seed + k, at most 2⁶³−1",
+        )
         require(self.relation is None or isinstance(self.relation, str), "relation must be a name or null")
         require(finite(self.relation_scale) and abs(self.relation_scale) <= LORA_SCALE_LIMIT,
                 f"relation scale must be a number in -{LORA_SCALE_LIMIT:g}..{LORA_SCALE_LIMIT:g}")  # fmt: skip

@@ -282,15 +282,6 @@ def output_paths(out: str, count: int) -> list[Path]:
     return paths
 
 
-def check_seeds(request: GenerateRequest) -> None:
-    """Image k of a batch uses seed + k: the last one must still be a valid seed (< 2⁶³)."""
-    if request.seed is not None and request.seed + request.num_images - 1 > 2**63 - 1:
-        raise InputError(
-            f"--seed {request.seed} with {request.num_images} images: seed + {request.num_images - 1} must be "
-            f"at most 2⁶³−1 (use a seed ≤ {2**63 - request.num_images})"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     studio = studio_for(args)
     if args.reuse:
@@ -303,7 +294,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         request = build_request(args)
     paths = output_paths(args.out, request.num_images)  # before the model loads (with_default_fit loads it)
-    check_seeds(request)
     if not args.reuse and args.fit == "auto" and not args.fit_boxes:
         chosen = studio.with_default_fit(request)
         if chosen != request:

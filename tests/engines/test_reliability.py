@@ -18,7 +18,7 @@ from engines.library import SubjectLibrary
 from engines.library_check import check_library
 from engines.relations.library import check_relation_name
 from engines.subject_files import EXPORT_KEY, MAX_RESIDUAL_RMS, check_class_tokens, check_residuals
-from engines.types import InputError, RegisterRequest, SubjectInfo, check_subject_name
+from engines.types import GenerateRequest, InputError, RegisterRequest, SubjectInfo, check_subject_name
 from engines.types.checks import printable
 from engines.types.subjects import check_class_word
 
@@ -215,3 +215,12 @@ def test_check_finds_case_duplicates_and_huge_residuals(library):
     found = {p.entry: p.problem for p in check_library(library)}
     assert "absurdly large" in found["stripy"]
     assert "only in case" in found.get("Stripy", "only in case")  # reported unless its twin was already broken
+
+
+def test_a_request_refuses_a_seed_whose_last_image_overflows_and_fields_of_the_wrong_type():
+    """The UI, batch job lines and project files build requests too: the check is the request's, before any work."""
+    assert GenerateRequest("a ball", seed=2**63 - 2, num_images=2).seed == 2**63 - 2
+    with pytest.raises(InputError, match="image k of 2 uses seed"):
+        GenerateRequest("a ball", seed=2**63 - 1, num_images=2)
+    with pytest.raises(InputError, match="prompt must be text"):
+        GenerateRequest.from_dict({"prompt": 7})
