@@ -82,8 +82,10 @@ def bench_bundle(options: SpeedOptions, folder: Path) -> ModelBundle:
     if options.quantization == "none" and options.dtype == "auto":
         return bundle
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()  # "Writing model shards" is not this bench's output
+    diffusers_logging.disable_progress_bar()  # saving's progress bars are not this bench's output
+    transformers_logging.disable_progress_bar()
     bundle.pipe.save_pretrained(folder / arch)
     del bundle
     return load_model(replace(spec, source=str(folder / arch), family=arch, reference_adapter="none"))
