@@ -18,7 +18,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=QUANTIZATIONS,
         default="none",
-        help="int8/nf4 (bitsandbytes, CUDA); registration needs the text encoder unquantized",
+        help="; ".join(f"{name}: {q.about}" for name, q in QUANTIZATIONS.items())
+        + " (registration trains float copies of quantized text encoders)",
     )
     parser.add_argument("--offload", choices=OFFLOADS, default="none")
     parser.add_argument(
