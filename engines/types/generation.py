@@ -157,8 +157,8 @@ BOX_FITS: dict[str, BoxFit] = {
         "crowd",
         60.0,
         0.35,
-        "fits on the coarse layers in the first 35% of the steps: ~1.4x the time of an image without boxes "
-        "(~1.7x with 3 or more)",
+        "fits on the coarse layers in the first 35% of the steps: ~1.4x the time of an image without boxes, "
+        "~1.6x with 3 or more",
     ),
     "full": BoxFit("Full", 3, about="fits on every layer in the first half of the steps: ~4x the time"),
 }
@@ -204,7 +204,7 @@ GUIDANCE_MODES: dict[str, GuidanceMode] = {
     "troupe-quick-fit": GuidanceMode(
         "Troupe + quick box fitting",
         GuidanceConfig().with_fit("quick"),
-        "box fitting on the coarse layers only, in the first 35% of the steps (~1.4x the time; ~1.7x with 3+ boxes)",
+        "box fitting on the coarse layers only, in the first 35% of the steps (~1.4x the time; ~1.6x with 3+ boxes)",
     ),
 }
 GUIDANCE_ALIASES = {"none": "off", "cones2-public": "cones2"}  # the names the bench used before the CLI's

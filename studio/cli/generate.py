@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         chosen = studio.with_default_fit(request)
         if chosen != request:
             fit = chosen.guidance.fit_name
-            print(f"box fitting: {fit} (this model's default with boxes; {BOX_FITS[fit].about}; --fit off skips it)")
+            print(f"box fitting: {fit}, this model's default with boxes ({BOX_FITS[fit].about}; --fit off skips it)")
         request = chosen
     result = studio.generate(request, on_progress=print_progress)
     for warning in result.warnings:

@@ -126,7 +126,7 @@ def test_cli_unreadable_model_in_a_fresh_process(tmp_path):
         timeout=300,
     )
     assert run.returncode == 2
-    assert run.stderr.strip().count("\n") == 0 and "could not load model" in run.stderr
+    assert run.stderr.strip().count("\n") == 0 and "could not load the model" in run.stderr
     assert "Traceback" not in run.stderr
 
 

@@ -444,8 +444,8 @@ def test_app_on_a_space_wraps_gpu_work_and_isolates_visitors(tiny_sd15_dir, tmp_
     values = [None] * 13
     values[steps_at], values[10] = 30, 2  # 30 steps, 2 images
     assert 10 < wrapped["generate"](None, *values) <= 120
-    values[steps_at], values[12] = 10, True  # box fitting asks for more time
-    assert wrapped["generate"](None, *values) > wrapped["generate"](None, *values[:12], False)
+    values[steps_at], values[12] = 10, "full"  # box fitting asks for more time
+    assert wrapped["generate"](None, *values) > wrapped["generate"](None, *values[:12], "off")
     assert wrapped["register"](None, [], "rex", "dog", "quick") < wrapped["register"](
         None, [], "rex", "dog", "thorough"
     )
