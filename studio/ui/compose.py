@@ -10,7 +10,7 @@ API endpoints: /generate and /save_project (GenerateForm's fields by name), /sto
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,30 +33,12 @@ from studio.ui.image_settings import generate_seconds, settings_card
 from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu, stream
 from studio.ui.loras import check_uploaded, wire_lora_card
 from studio.ui.references import references_card, widened
-from studio.ui.views import idle_html, progress_html
+from studio.ui.views import idle_html, is_learned, progress_html, relation_choices, subject_labels
 
 if TYPE_CHECKING:
     from engines.service import Studio
 
 SCALE_RANGE = (0.0, 2.0)  # the relation strength slider's range; a PNG may carry more (see _widened_scale)
-
-
-def subject_labels(subjects: Iterable[SubjectInfo]) -> list[str]:
-    """How subjects are written in prompts and region labels: `<name>`."""
-    return [f"<{s.name}>" for s in subjects]
-
-
-def relation_choices(relations: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The picker's entries: "— none —", then every relation as its template with A and B; a learned one (it has
-    a LoRA) says so."""
-    return [("— none —", "")] + [
-        (r.template.format(a="A", b="B") + (" · learned" if r.lora is not None else ""), r.name)
-        for r in relations.values()
-    ]
-
-
-def is_learned(relations: Mapping[str, Any], name: str | None) -> bool:
-    return getattr(relations.get(name or ""), "lora", None) is not None
 
 
 class ComposeTab:

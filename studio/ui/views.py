@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import html
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +104,21 @@ def vram_markdown(presets: dict[str, Any]) -> str:
         for p in presets.values()
     )
     return f"### Machine presets\n{rows}"
+
+
+def subject_labels(subjects: Iterable[SubjectInfo]) -> list[str]:
+    """How subjects are written in prompts and region labels: `<name>`."""
+    return [f"<{s.name}>" for s in subjects]
+
+
+def relation_choices(relations: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The picker's entries: "— none —", then every relation as its template with A and B; a learned one (it has
+    a LoRA) says so."""
+    return [("— none —", "")] + [
+        (r.template.format(a="A", b="B") + (" · learned" if r.lora is not None else ""), r.name)
+        for r in relations.values()
+    ]
+
+
+def is_learned(relations: Mapping[str, Any], name: str | None) -> bool:
+    return getattr(relations.get(name or ""), "lora", None) is not None
