@@ -108,7 +108,7 @@ def _last_layer_read(unet, depth: str, regions: int):
 
 
 class _StopForward(Exception):
-    """Raised after the UNet's middle block when box fitting reads the coarse layers only."""
+    """Raised after the last UNet block that box fitting reads, so the rest of the forward never runs."""
 
 
 def _stop_forward(*_) -> None:
