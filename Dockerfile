@@ -28,8 +28,10 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 RUN pip install --upgrade pip && pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"
 
 WORKDIR /app
-COPY requirements.txt ./
-RUN pip install -r requirements.txt
+COPY requirements.txt requirements-gpu.txt ./
+RUN pip install -r requirements.txt \
+ && pip uninstall -y onnxruntime \
+ && pip install -r requirements-gpu.txt
 
 # The app (see .dockerignore: no virtual environment, tests or outputs from the build machine).
 COPY . ./

@@ -112,8 +112,9 @@ class OnnxSegmenter:
         import onnxruntime
 
         self.path = Path(model_path)
+        providers = segmenter_providers(onnxruntime.get_available_providers(), _cuda_present())
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=providers)
         except Exception as error:  # onnxruntime raises its own exception types
             raise InputError(f"segmenter {self.path.name} could not be loaded: {error}") from error
         model_input = self.session.get_inputs()[0]
@@ -132,6 +133,22 @@ class OnnxSegmenter:
             prob = 1.0 / (1.0 + np.exp(-prob))  # logits → probabilities
         out = Image.fromarray((prob * 255).clip(0, 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
         return np.asarray(out, np.float32) / 255.0
+
+
+def segmenter_providers(available: list[str], cuda: bool) -> list[str]:
+    """onnxruntime's execution providers, best first: CUDA where onnxruntime-gpu is installed (requirements-gpu.txt)
+    and a GPU is present, the CPU always last. onnxruntime falls back down this list if the CUDA provider cannot load
+    (e.g. its CUDA/cuDNN libraries do not match the ones torch brought)."""
+    gpu = ["CUDAExecutionProvider"] if cuda and "CUDAExecutionProvider" in available else []
+    return [*gpu, "CPUExecutionProvider"]
+
+
+def _cuda_present() -> bool:
+    # the onnxruntime-gpu wheel lists its CUDA provider even on a machine without a GPU, so ask torch (already loaded
+    # with the model whenever photos are prepared)
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def find_segmenter(path: str | Path | None = None) -> OnnxSegmenter | None:

@@ -11,7 +11,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from engines.images import OnnxSegmenter, find_segmenter, grabcut_mask, load_photo, prepare_photos
+from engines.images import (
+    OnnxSegmenter,
+    find_segmenter,
+    grabcut_mask,
+    load_photo,
+    prepare_photos,
+    segmenter_providers,
+)
 from engines.library import SubjectLibrary
 from engines.models import ModelBundle, text_encoder_fingerprint
 from engines.register import register_subject
@@ -175,3 +182,10 @@ def test_cut_out_photo_uses_its_alpha_as_the_mask(tmp_path):
     mask = np.asarray(prepared.mask) > 127
     blue = np.asarray(prepared.photo)[..., 0] < 100  # the blue square (the background is white)
     assert mask.mean() > 0.35 and (mask == blue).mean() > 0.9  # (resampling blurs a 1-px edge)
+
+
+def test_the_segmenter_runs_on_cuda_only_where_onnxruntime_gpu_and_a_gpu_are_there():
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert segmenter_providers(gpu_build, cuda=True) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert segmenter_providers(gpu_build, cuda=False) == ["CPUExecutionProvider"]
+    assert segmenter_providers(["CPUExecutionProvider"], cuda=True) == ["CPUExecutionProvider"]
