@@ -187,12 +187,13 @@ class Generator:
             request.guidance,
         )
         state = GuidanceState(maps, images=request.num_images)
+        state.prepare(self.bundle.device, self.bundle.dtype)
         alphas = self.bundle.pipe.scheduler.alphas_cumprod.cpu()
 
         def set_time(_module, args, kwargs):
             timestep = args[1] if len(args) > 1 else kwargs["timestep"]
             t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-            state.time_scale = guidance_scale_at(request.guidance, alphas, t)
+            state.set_time_scale(guidance_scale_at(request.guidance, alphas, t))
 
         previous = install(unet, state, request.guidance.bound_self_attention)
         hook = unet.register_forward_pre_hook(set_time, with_kwargs=True)

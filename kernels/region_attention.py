@@ -2,19 +2,26 @@
 
 Cross-attention: softmax((QKᵀ + η(t)·M)·s)V with s = 1/√d, η(t) = strength·log(1+σ_t²)·std(QKᵀ) and M the
 per-cell, per-token weights of engines/layout.py — only on the rows of the conditional branch. The bias goes into
-the fused SDPA kernel as its additive mask, so no attention map is materialised, and std(QKᵀ) comes from the
-second moments of Q and K (exact, O(N·d²) instead of an N×T score matrix):
-    mean(QKᵀ) = mean_h( q̄_h · k̄_h ),   mean((QKᵀ)²) = mean_h( ⟨QᵀQ/N, KᵀK/T⟩_F ).
+the fused SDPA kernel as its additive mask, so no attention map is materialised, and std(QKᵀ) comes from two
+contractions of Q and K (exact, O(T·d²) instead of an N×T score matrix), over the K = H·N·T scores of a row:
+    Σ s = Σ_h (Σ_n q_n)·(Σ_t k_t),   Σ s² = Σ_h Σ_t k_tᵀ (QᵀQ) k_t,   K·var = Σ s² − (Σ s)²/K.
 Self-attention (optional): cells of different regions may not attend to each other (hard mask).
 While an AttentionRecord captures (box fitting, engines/box_fitting.py), cross-attention also keeps its attention
 probabilities *without* the bias, with their autograd graph: they say where the model is drawing each region's object.
 Whenever there is nothing to add, the processor hands the call to the processor it replaced, so unguided steps
 are bit-identical to plain diffusers.
+
+Why the per-call work is so small (issue 18: on a GPU, small kernels, not arithmetic, were guidance's cost): every
+tensor that depends only on the request — M split into its soft part and its hard mask, the self-attention bound,
+the conditional-row indicator — is made once per request by `prepare`, in the attention's dtype and on its device;
+η(t)'s time factor is a tensor the UNet's pre-hook fills in place, so `torch.compile` sees no Python float change
+between steps and the guided UNet compiles without graph breaks (tests/kernels/test_region_attention_compile.py).
+A guided cross-attention call adds 7 aten operators over diffusers' own processor in fp32, 10 in fp16/bf16 (the
+statistics are taken in fp32: Σ s² over a 64×64 layer overflows fp16).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,38 +31,72 @@ from kernels.attention_record import AttentionRecord, attention_probabilities, s
 from kernels.maps import HARD_MASK, ResolutionMaps
 
 
+@dataclass(frozen=True)
+class RequestTensors:
+    """What one resolution's processors read, made once per request (shapes for B batch rows, N cells, T tokens)."""
+
+    soft: torch.Tensor  # (1, N, T) fp32: M where it is not a hard mask, 0 elsewhere
+    hard: dict[int, torch.Tensor]  # B → (B, 1, N, T) fp32: HARD_MASK where M is one, on the conditional rows only
+    self_bias: dict[int, torch.Tensor]  # B → (B, 1, N, N) in the attention dtype: the self bound, conditional rows
+
+
 @dataclass
 class GuidanceState:
-    """Per-request data every processor of one UNet reads; the generator updates `time_scale` before each call."""
+    """Per-request data every processor of one UNet reads; the generator sets η(t) before each UNet call."""
 
     maps: dict[int, ResolutionMaps]  # keyed by the number of query tokens HW
     images: int  # conditional rows: the last `images` rows of a call (all of them when CFG is not batched in)
-    time_scale: float = 0.0  # strength · log(1 + σ_t²) at the current timestep; 0 disables guidance
     suspended: bool = False  # True while the UNet runs for something else than the target (the reference pass)
     record: AttentionRecord = field(default_factory=AttentionRecord)
-    device_maps: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    guiding: bool = False  # η(t) ≠ 0 at the current call
+    tensors: dict[int, RequestTensors] = field(default_factory=dict)  # keyed like `maps`; filled by `prepare`
+    time_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # B → (B,) fp32: η's time factor per row
+    row_indicators: dict[int, torch.Tensor] = field(default_factory=dict)  # B → (B,): 1 on the conditional rows
 
     def conditional_rows(self, batch: int) -> slice:
         """diffusers batches CFG as [unconditional..., conditional...]; a call with only `images` rows (box fitting,
         or CFG off) is all conditional."""
         return slice(max(batch - self.images, 0), batch)
 
-    def cached(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Maps move to the device and dtype once per request, not once per step."""
-        if key not in self.device_maps:
-            self.device_maps[key] = make()
-        return self.device_maps[key]
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the maps to where the attention runs, for a call with CFG (2·images rows) or without (images)."""
+        self.row_indicators = {b: self._row_indicator(b, device) for b in (self.images, 2 * self.images)}
+        self.time_rows = {b: torch.zeros(b, device=device) for b in self.row_indicators}
+        self.tensors = {cells: self._request_tensors(maps, device, dtype) for cells, maps in self.maps.items()}
+
+    def set_time_scale(self, value: float) -> None:
+        """η's time factor strength·log(1 + σ_t²) for the next UNet call: written into the same tensors in place."""
+        self.guiding = value != 0
+        for batch, rows in self.time_rows.items():
+            torch.mul(self.row_indicators[batch], value, out=rows)
+
+    def _row_indicator(self, batch: int, device: torch.device) -> torch.Tensor:
+        indicator = torch.zeros(batch, device=device)
+        indicator[self.conditional_rows(batch)] = 1.0
+        return indicator  # (B,)
+
+    def _request_tensors(self, maps: ResolutionMaps, device: torch.device, dtype: torch.dtype) -> RequestTensors:
+        weights = maps.token_weights.to(device)  # (N, T)
+        is_hard = weights <= HARD_MASK  # a weight this negative masks at any η the schedule gives
+        hard = torch.where(is_hard, HARD_MASK, 0.0)  # (N, T)
+        rows = {b: indicator[:, None, None, None] for b, indicator in self.row_indicators.items()}  # (B, 1, 1, 1)
+        blocked = None if maps.self_blocked is None else torch.where(maps.self_blocked.to(device), HARD_MASK, 0.0)
+        return RequestTensors(
+            soft=torch.where(is_hard, 0.0, weights)[None],
+            hard={b: (row * hard).contiguous() for b, row in rows.items()},
+            self_bias={} if blocked is None else {b: (row * blocked).to(dtype) for b, row in rows.items()},
+        )
 
 
-def score_std(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Standard deviation of the raw scores QKᵀ over heads, queries and keys, per batch row, without forming them.
-    query (B, H, N, d), key (B, H, T, d) → (B,)."""
-    q, k = query.float(), key.float()
-    mean = (q.mean(dim=2) * k.mean(dim=2)).sum(-1).mean(-1)  # (B,)
-    q_moment = q.transpose(-1, -2) @ q / q.shape[2]  # (B, H, d, d)
-    k_moment = k.transpose(-1, -2) @ k / k.shape[2]  # (B, H, d, d)
-    square = (q_moment * k_moment).sum(dim=(-1, -2)).mean(-1)  # (B,)
-    return (square - mean**2).clamp(min=0).sqrt()
+def score_spread(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """√K · std of the raw scores QKᵀ over heads, queries and keys (K = H·N·T of them), per batch row, without
+    forming them. query (B, H, N, d), key (B, H, T, d) → (B,) fp32."""
+    if query.dtype != torch.float32:
+        query, key = query.float(), key.float()
+    squares = torch.einsum("bhnd,bhne,bhtd,bhte->b", query, query, key, key)  # (B,) Σ s²: QᵀQ first, (B, H, d, d)
+    sums = torch.einsum("bhnd,bhtd->b", query, key)  # (B,) Σ s: n and t are summed out before the product
+    count = query.shape[1] * query.shape[2] * key.shape[2]
+    return torch.addcmul(squares, sums, sums, value=-1.0 / count).clamp(min=0).sqrt()
 
 
 class RegionAttnProcessor:
@@ -67,30 +108,25 @@ class RegionAttnProcessor:
         self.is_cross = is_cross
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        maps = self._maps_for(attn, hidden_states, encoder_hidden_states, attention_mask)
-        if maps is None:
+        if not self._applies(attn, hidden_states, encoder_hidden_states, attention_mask):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        return self._guided(attn, hidden_states, encoder_hidden_states, maps)
+        return self._guided(attn, hidden_states, encoder_hidden_states, self.state.tensors[hidden_states.shape[1]])
 
-    def _maps_for(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> ResolutionMaps | None:
-        recording = self.is_cross and self.state.record.capturing
-        if (
-            self.state.suspended
-            or (self.state.time_scale == 0 and not recording)
-            or attention_mask is not None
-            or hidden_states.ndim != 3
-        ):
-            return None
+    def _applies(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
+        state = self.state
+        recording = self.is_cross and state.record.capturing
+        if state.suspended or not (state.guiding or recording) or attention_mask is not None:
+            return False
+        if hidden_states.ndim != 3 or hidden_states.shape[0] not in state.time_rows:
+            return False
         if attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection:
-            return None  # not a transformer-block attention of SD's UNet
+            return False  # not a transformer-block attention of SD's UNet
         if self.is_cross and (encoder_hidden_states is None or attn.norm_cross):
-            return None
-        maps = self.state.maps.get(hidden_states.shape[1])
-        if maps is None or (not self.is_cross and maps.self_blocked is None):
-            return None
-        return maps
+            return False
+        tensors = state.tensors.get(hidden_states.shape[1])
+        return tensors is not None and (self.is_cross or bool(tensors.self_bias))
 
-    def _guided(self, attn, hidden_states, encoder_hidden_states, maps: ResolutionMaps) -> torch.Tensor:
+    def _guided(self, attn, hidden_states, encoder_hidden_states, tensors: RequestTensors) -> torch.Tensor:
         batch, queries, _ = hidden_states.shape  # (B, N, C)
         context = encoder_hidden_states if self.is_cross else hidden_states
         query = split_heads(attn.to_q(hidden_states), attn.heads)  # (B, H, N, d)
@@ -99,35 +135,30 @@ class RegionAttnProcessor:
         if attn.norm_q is not None:
             query, key = attn.norm_q(query), attn.norm_k(key)
         if self.is_cross and self.state.record.capturing:  # only box fitting reads them (a matmul and a softmax)
-            self.state.record.add(attention_probabilities(query, key), maps)
-        bias = self._cross_bias(query, key, maps) if self.is_cross else self._self_bias(query, maps)
+            self.state.record.add(attention_probabilities(query, key), self.state.maps[queries])
+        if not self.state.guiding:
+            bias = None
+        elif self.is_cross:
+            bias = self._cross_bias(query, key, tensors)
+        else:
+            bias = tensors.self_bias[batch]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch, queries, -1).to(query.dtype)  # (B, N, H·d)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
 
-    def _cross_bias(self, query: torch.Tensor, key: torch.Tensor, maps: ResolutionMaps) -> torch.Tensor:
-        """(QKᵀ + η·M)·s = QKᵀ·s + (η·s)·M: the Eq. 7 bias in SDPA's post-scale units. (B, 1, N, T)."""
-        batch, tokens = query.shape[0], key.shape[2]
-        weights = self.state.cached(
-            ("cross", id(maps), str(query.device)), lambda: maps.token_weights.to(query.device)
-        )[:, :tokens]  # (N, T)
-        rows = self.state.conditional_rows(batch)
-        scale = query.shape[-1] ** -0.5
-        eta = torch.zeros(batch, device=query.device)
-        eta[rows] = self.state.time_scale * score_std(query[rows], key[rows]) * scale  # (B,)
-        bias = eta[:, None, None, None] * weights  # (B, 1, N, T)
-        return bias.clamp(min=HARD_MASK).to(query.dtype)
-
-    def _self_bias(self, query: torch.Tensor, maps: ResolutionMaps) -> torch.Tensor:
-        batch = query.shape[0]
-        blocked = self.state.cached(
-            ("self", id(maps), str(query.device), query.dtype),
-            lambda: torch.where(maps.self_blocked.to(query.device), HARD_MASK, 0.0).to(query.dtype),
-        )  # (N, N)
-        bias = torch.zeros((batch, 1) + blocked.shape, dtype=query.dtype, device=query.device)  # (B, 1, N, N)
-        bias[self.state.conditional_rows(batch)] = blocked
-        return bias
+    def _cross_bias(self, query: torch.Tensor, key: torch.Tensor, tensors: RequestTensors) -> torch.Tensor:
+        """(QKᵀ + η·M)·s = QKᵀ·s + (η·s)·M: the Eq. 7 bias in SDPA's post-scale units, η = time factor · std(QKᵀ).
+        (B, 1, N, T)."""
+        batch, heads, queries, width = query.shape
+        tokens = key.shape[2]
+        soft, hard = tensors.soft, tensors.hard[batch]
+        if soft.shape[-1] != tokens:  # a prompt encoded shorter than the maps' token window
+            soft, hard = soft[..., :tokens], hard[..., :tokens]
+        spread = score_spread(query, key)  # (B,) √K·std(QKᵀ)
+        eta = torch.einsum("b,b,hnt->bhnt", spread, self.state.time_rows[batch], soft)  # (B, 1, N, T) √K·η·M
+        bias = torch.add(hard, eta, alpha=(heads * queries * tokens) ** -0.5 * width**-0.5)  # ÷√K, × s
+        return bias if bias.dtype == query.dtype else bias.to(query.dtype)
 
 
 def install(unet, state: GuidanceState, bound_self_attention: bool) -> dict:

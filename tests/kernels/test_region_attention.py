@@ -32,7 +32,10 @@ def zero_bias_state() -> GuidanceState:
         token_weights=torch.zeros(cells, TOKENS),
         self_blocked=torch.zeros(cells, cells, dtype=torch.bool),
     )
-    return GuidanceState({cells: maps}, images=1, time_scale=0.5)
+    state = GuidanceState({cells: maps}, images=1)
+    state.prepare(torch.device("cpu"), torch.float32)
+    state.set_time_scale(0.5)
+    return state
 
 
 @pytest.mark.parametrize("family", sorted(SHAPES))
@@ -65,6 +68,8 @@ def test_a_nonzero_bias_changes_only_the_conditional_rows():
     hidden, context = torch.randn(2, SIDE * SIDE, width), torch.randn(2, TOKENS, text_width)
     state = zero_bias_state()
     state.maps[SIDE * SIDE].token_weights[:, 3] = 2.5  # every cell favours token 3
+    state.prepare(torch.device("cpu"), torch.float32)
+    state.set_time_scale(0.5)
     with torch.no_grad():
         expected = attn(hidden, encoder_hidden_states=context)
         attn.set_processor(RegionAttnProcessor(state, _refuse, is_cross=True))
