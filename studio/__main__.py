@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from engines.types import Cancelled, InputError
+from studio import runtime_problem
 
 COMMAND_MODULES = (
     "studio.cli.generate",
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if problem := runtime_problem():
+        print(problem, file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except InputError as error:

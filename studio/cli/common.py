@@ -7,7 +7,8 @@ import signal
 import sys
 import threading
 
-from engines.types import DTYPES, OFFLOADS, QUANTIZATIONS, ModelSpec, StepProgress
+from engines.types import DTYPES, OFFLOADS, QUANTIZATIONS, ModelSpec
+from studio.cli.progress import print_progress  # the commands import it from here
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,15 +67,3 @@ def train_with_progress(args: argparse.Namespace, train):
         return train(studio, print_progress, cancel)
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def print_progress(progress: StepProgress, unit: str = "step") -> None:
-    """One line on stderr, rewritten in place: `step 3/20  loss 0.1234  1.2s  eta 6.8s`."""
-    end = "\n" if progress.step == progress.total else "\r"
-    loss = f"  loss {progress.loss:.4f}" if progress.loss is not None else ""
-    print(
-        f"{unit} {progress.step}/{progress.total}{loss}  {progress.elapsed:5.1f}s  eta {progress.eta:5.1f}s ",
-        end=end,
-        file=sys.stderr,
-        flush=True,
-    )

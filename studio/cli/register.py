@@ -4,10 +4,13 @@ nothing and keeps the photos for reference attention)."""
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 
 from engines.types import LIMITS, REGISTER_PRESETS, RegisterRequest
 from studio.cli.common import add_library_argument, add_model_arguments, train_with_progress
+
+HARDLY = 0.05  # a fall of less than 5 % of the loss on the photos: the residual barely moved the model
 
 
 def add_parsers(subparsers) -> None:
@@ -57,7 +60,28 @@ def run(args: argparse.Namespace) -> int:
         use_masks=not args.no_masks,
         seed=args.seed,
     )
+    print(preset_line(args.preset), file=sys.stderr, flush=True)
     info = train_with_progress(args, lambda studio, progress, cancel: studio.register(request, progress, cancel))
     trained = f"{info.steps} steps" if info.has_residual else "instant: no training"
     print(f"registered <{info.name}> ({info.class_word}, {info.family}, {trained}; {info.holds})")
+    if info.photo_loss:
+        print(loss_line(*info.photo_loss))
     return 0
+
+
+def preset_line(name: str) -> str:
+    """What the run is about to do, before the model loads: the default preset is several minutes on a laptop CPU."""
+    preset = REGISTER_PRESETS[name]
+    if not preset.steps:
+        return f"preset {name}: no training (the photos and their masks are kept)"
+    return (
+        f"preset {name}: {preset.steps} steps (--preset {' | '.join(REGISTER_PRESETS)}; --help says what each is for)"
+    )
+
+
+def loss_line(before: float, after: float) -> str:
+    """The denoising loss on the photos before and after training (same noise and timesteps both times): the one
+    number that says whether the subject was learned."""
+    change = (after - before) / before if before > 0 else 0.0
+    verdict = "" if change <= -HARDLY else "; it hardly fell, so the subject may not be learned (docs/registration.md)"
+    return f"loss on its photos: {before:.4f} before, {after:.4f} after ({change:+.0%}){verdict}"

@@ -58,6 +58,8 @@ def add_parsers(subparsers) -> None:
 
 def run_list(args: argparse.Namespace) -> int:
     subjects = studio_for(args, with_model=False).subjects()
+    if subjects and not args.json:
+        print(f"{'NAME':<20} {'CLASS':<16} {'FAMILY':<6} {'HOLDS':<17} CREATED")
     for info in subjects:
         if args.json:
             print(
