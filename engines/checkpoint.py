@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from engines.faults import fault_point
+
 TENSORS = "state.safetensors"
 META = "state.json"
 
@@ -112,7 +114,9 @@ class Checkpoint:
             "extra": extra or {},
         }
         _move_into_place(folder / TENSORS, lambda part: save_file(tensors, str(part), metadata={"token": token}))
+        fault_point("checkpoint.save.between")  # new tensors, old JSON: load() sees two tokens and starts over
         _move_into_place(folder / META, lambda part: part.write_text(json.dumps(meta, default=float)))
+        fault_point("checkpoint.saved")
 
     def load(self, state: TrainingState) -> Restored | None:
         """Restore `state` from the checkpoint and say where it stopped; None (nothing changed) when there is no

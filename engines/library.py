@@ -5,7 +5,7 @@
                   photo_00.png, mask_00.png ...   the cropped photos and their foreground masks
                   thumbnail.png
     <root>/.work/<name>/                  resumable registration checkpoints (engines/register/)
-    <root>/.tmp-*/ , <root>/.trash-*/     transient: a subject is built under .tmp-* and renamed into place
+    <root>/.tmp-*/ .old-*/ .trash-*/      transient: a subject is built under .tmp-* and renamed into place (engines/atomic.py)
     <root>/.broken/                       entries `subjects check --repair` moved aside (never deleted)
 
 Names are validated with check_subject_name (so a name can never leave the root) and compared without case: on the
@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +32,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engines.atomic import place_folder, remove_folder, sweep, write_error
+from engines.faults import fault_point
 from engines.subject_files import (
     EXPORT_KEY,
     FORMAT_VERSION,
@@ -43,7 +44,6 @@ from engines.subject_files import (
     check_residuals,
     downsample_curve,
     export_path,
-    fsync,
     image_tensors,
     pack_export,
     photo_loss,
@@ -65,6 +65,7 @@ class SubjectLibrary:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root is not None else default_library_dir()
+        self._swept = False  # the first listing finishes what a killed process left (engines/atomic.py)
 
     # ----------------------------------------------------------------- paths
     def folder(self, name: str) -> Path:
@@ -131,6 +132,9 @@ class SubjectLibrary:
     def list(self) -> list[SubjectInfo]:
         if not self.root.is_dir():
             return []
+        if not self._swept:
+            self._swept = True
+            sweep(self.root)
         subjects = []
         for folder in sorted(self.root.iterdir()):
             if folder.name.startswith(".") or not folder.is_dir():
@@ -242,13 +246,14 @@ class SubjectLibrary:
         }
         validate_meta(meta, f"subject '{name}'")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._sweep()
+        sweep(self.root)
         temp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
         try:
             if residuals is not None:
                 save_file(residuals, str(temp / RESIDUALS))
             for file_name, image in zip(meta["photos"], photos):
                 image.convert("RGB").save(temp / file_name)
+            fault_point("library.add.writing")  # part of the files written
             for file_name, image in zip(meta["masks"], masks):
                 image.convert("L").save(temp / file_name)
             if photos:
@@ -256,29 +261,13 @@ class SubjectLibrary:
                 thumb.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
                 thumb.save(temp / THUMBNAIL)
             (temp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
-            for path in temp.iterdir():
-                fsync(path)
-            trash = None
-            if target.exists():
-                trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-                os.rename(target, trash)
-            os.rename(temp, target)
-            fsync(self.root)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
-        except BaseException:
+            place_folder(temp, target, "library.add")
+        except BaseException as error:
             shutil.rmtree(temp, ignore_errors=True)
+            if isinstance(error, OSError):  # a full disk: the library is as it was, say so in one line
+                raise write_error(f"subject '{name}'", error) from None
             raise
         return self.get(name)
-
-    def _sweep(self, stale_seconds: float = 24 * 3600) -> None:
-        """Remove leftovers of interrupted writes: trash always, half-built folders once they are a day old."""
-        now = time.time()
-        for path in self.root.iterdir():
-            if path.name.startswith(".trash-") or (
-                path.name.startswith(".tmp-") and now - path.stat().st_mtime > stale_seconds
-            ):
-                shutil.rmtree(path, ignore_errors=True)
 
     def rename(self, old: str, new: str) -> SubjectInfo:
         self.get(old)
@@ -296,7 +285,7 @@ class SubjectLibrary:
             meta["name"] = new
             (temp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
             if case_only:  # the old folder goes aside first, and comes back if the new one cannot take its place
-                trash = self.root / f".trash-{old}-{uuid.uuid4().hex[:8]}"
+                trash = self.root / f".old-{old}-{uuid.uuid4().hex[:8]}"  # a kill before the swap: sweep() restores it
                 os.rename(source, trash)
                 try:
                     os.rename(temp, self.root / new)
@@ -315,9 +304,7 @@ class SubjectLibrary:
 
     def delete(self, name: str) -> None:
         self.get(name)
-        trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-        os.rename(self.folder(name), trash)  # atomic disappearance, then the slow part
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_folder(self.folder(name))  # atomic disappearance, then the slow part
         self.clear_work(name)
 
     # ----------------------------------------------------------------- sharing

@@ -9,7 +9,7 @@ What counts as a problem, under the library root:
 - the same for learned relations under .relations/.
 
 Repair never deletes: it moves each broken entry into <root>/.broken/<time>-<name>/, which nothing lists, and says
-where (a person may still want the photos in it). Healthy entries are not touched. Transient folders (.tmp-*,
+where (a person may still want the photos in it). Healthy entries are not touched. Transient folders (.tmp-*, .old-*,
 .trash-*, .work/) belong to writes in progress and are left to the library's own sweep.
 """
 

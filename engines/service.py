@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from engines.types import (
     GenerateRequest,
     GenerateResult,
+    InputError,
     Layout,
     LoraRef,
     ModelSpec,
@@ -22,6 +24,44 @@ from engines.types import (
     with_default_fit,
 )
 from engines.types.batch import BatchOptions, BatchProgress, BatchSummary, JobFile
+
+OUT_OF_MEMORY = (
+    "out of memory while {what}: nothing was saved and the model is still loaded — try a smaller size, fewer images "
+    "or steps, or a machine preset that offloads (--vram)"
+)
+
+
+class out_of_memory:  # noqa: N801 - used as a `with` statement, like contextlib's helpers
+    """A job that runs out of (GPU) memory becomes one line, after what it held is freed, so the next job runs.
+
+    The error's traceback holds the frames of the failed step and with them every activation; it is cut before the
+    one-line error is raised (which keeps the memory error as its context)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if error is None or not _is_out_of_memory(error):
+            return False
+        error.__traceback__ = None
+        del error, trace
+        gc.collect()
+        import torch  # loaded already: a job ran
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the cached blocks back, so the next job (or process) can have them
+        raise InputError(OUT_OF_MEMORY.format(what=self.what)) from None
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()  # MPS and older CUDA messages
+    )
 
 
 class Studio:
@@ -89,16 +129,17 @@ class Studio:
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerateResult:
+        from engines.faults import on_steps
         from engines.generate import Generator
         from engines.loras import applied, lora_updates
         from engines.prompt_subjects import gather_subjects
 
-        with self._gpu:
+        with self._gpu, out_of_memory("generating"):
             bundle = self.bundle
             subjects = gather_subjects(request.prompt, self.library, bundle.family, bundle.fingerprint)
             loras = lora_updates(bundle, self.request_loras(request))  # every file checked before any work
             with applied(bundle, loras):  # and taken out again afterwards, bit for bit
-                return Generator(bundle)(request, subjects, on_progress, cancel)
+                return Generator(bundle)(request, subjects, on_steps("generate.step", on_progress), cancel)
 
     def request_loras(self, request: GenerateRequest) -> list[LoraRef]:
         """The person's LoRAs, then the relation's own at the relation's scale (a preset without one adds none)."""
@@ -173,7 +214,7 @@ class Studio:
 
         self.library.check_free(request.name)
         check_photos(request.photos)  # a bad photo is one line before the model loads, not after
-        with self._gpu:
+        with self._gpu, out_of_memory("registering"):
             check_class_tokens(self.bundle.tokenizers, request.class_word)
             return register_subject(self.bundle, request, self.library, on_progress, cancel)
 
@@ -231,7 +272,7 @@ class Studio:
 
         self.relation_library.check_free(request.name)
         examples = read_examples(request.exemplars, request.name)  # every check before the model loads
-        with self._gpu:
+        with self._gpu, out_of_memory("teaching a relation"):
             return teach_relation(self.bundle, request, self.relation_library, on_progress, cancel, examples=examples)
 
     def relation_uploads_dir(self, name: str) -> Path:

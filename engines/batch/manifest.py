@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from engines.faults import fault_point
 from engines.types import InputError
 from engines.types.batch import BatchJob
 
@@ -30,6 +31,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        fault_point("batch.file.written")  # the PNG whole under its temporary name
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -68,6 +70,11 @@ class Manifest:
         ok = {r["key"] for r in records if r.get("status") == OK}
         return {job.key for job in jobs if job.key in ok and all((self.out / f).is_file() for f in job.files)}
 
+    def clear_partial(self) -> None:
+        """Remove the temporary files of a driver killed mid-write (never a finished PNG: those have final names)."""
+        for path in self.out.glob(".*.tmp") if self.out.is_dir() else ():
+            path.unlink(missing_ok=True)
+
     def write_files(self, job: BatchJob, pngs: list[bytes]) -> None:
         if len(pngs) != len(job.files):
             raise RuntimeError(f"job {job.key[:16]} made {len(pngs)} images, not {len(job.files)}")
@@ -82,7 +89,11 @@ class Manifest:
                 file.seek(-1, os.SEEK_END)
                 if file.read(1) != b"\n":  # a previous driver died mid-line: end that line first
                     line = "\n" + line
-            file.write(line.encode("utf-8"))
+            data = line.encode("utf-8")
+            file.write(data[: len(data) // 2])
+            file.flush()
+            fault_point("batch.manifest.half")  # a line cut short, as a kill mid-write leaves one
+            file.write(data[len(data) // 2 :])
             file.flush()
             os.fsync(file.fileno())
 

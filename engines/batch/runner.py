@@ -10,6 +10,7 @@ from pathlib import Path
 
 from engines.batch.manifest import FAILED, OK, Manifest, record
 from engines.batch.render import JobOutcome, render_job, worker_name
+from engines.faults import fault_point
 from engines.types.batch import BatchJob, BatchOptions, BatchProgress, BatchSummary, JobFile
 
 BatchCallback = Callable[[BatchProgress], None]
@@ -37,6 +38,7 @@ class Ledger:
         if outcome.error is None:
             try:
                 self.manifest.write_files(job, list(outcome.pngs))
+                fault_point("batch.files.written")  # the files in place, the manifest line not yet
             except (OSError, RuntimeError) as error:  # a full disk: trying again would not help
                 errors.append(f"writing the files: {error}")
                 status = FAILED
@@ -80,6 +82,7 @@ def run_batch(studio, jobs: JobFile, options: BatchOptions, on_progress: BatchCa
     done = manifest.done(jobs.jobs, records)
     pending = [job for job in jobs.jobs if job.key not in done]
     manifest.out.mkdir(parents=True, exist_ok=True)
+    manifest.clear_partial()
     ledger = Ledger(manifest, model, len(pending), len(done), options.retries, on_progress)
     if not pending:
         ledger.report()

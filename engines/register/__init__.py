@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from engines.checkpoint import Checkpoint
+from engines.faults import fault_point
 from engines.images import prepare_photos
 from engines.register.bank import (
     TEMPLATES_PATH,
@@ -140,7 +141,9 @@ def register_subject(
     if preset.steps == 0:
         return _add_instant(bundle, request, prepared, library, overwrite)
     checkpoint = Checkpoint(library.work_dir(request.name), _request_key(bundle, request, preset))
+    fault_point("register.start")
     trained = train_subject(bundle, request, preset, prepared, checkpoint, on_progress, cancel)
+    fault_point("register.trained")  # before the library write
     info = SubjectInfo(
         name=request.name,
         class_word=request.class_word.strip(),
@@ -158,6 +161,7 @@ def register_subject(
         overwrite=overwrite,
         stats=trained.stats,
     )
+    fault_point("register.added")  # the subject is in, its checkpoint not cleared yet
     library.clear_work(request.name)
     return result
 

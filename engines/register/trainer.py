@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engines.checkpoint import Checkpoint, TrainingState
+from engines.faults import fault_point
 from engines.images import PreparedPhoto
 from engines.models import float_text_encoders, is_quantized
 from engines.register.backbone import Backbone
@@ -257,6 +258,7 @@ def _run_steps(
         done = step + 1
         if preset.checkpoint_every and done % preset.checkpoint_every == 0 and done < preset.steps:
             checkpoint.save(trainee.state(), done, {"curve": total, "elapsed": elapsed})
+        fault_point("register.step")
     return _Curves(total, sub_curve, reg_curve, clock)
 
 

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from engines.atomic import place_folder, remove_folder, sweep, write_error
 from engines.relations.presets import Relation
 from engines.types import InputError, RelationInfo
 from engines.types import check_relation_name as _check_name
@@ -112,18 +113,22 @@ class RelationLibrary:
                            card)  # fmt: skip
 
     def _place(self, name: str, write_lora, card: dict) -> RelationInfo:
-        """Build the folder under a temporary name, then rename it into place (replacing an old one)."""
+        """Build the folder under a temporary name, then rename it into place (replacing an old one): a kill at any
+        moment leaves the old relation or the new one (engines/atomic.py)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        sweep(self.root)
         temp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
             write_lora(temp)
             (temp / CARD).write_text(json.dumps(card, indent=1), encoding="utf-8")
             old = self._existing(name)
-            if old is not None:
-                shutil.rmtree(old)
-            os.rename(temp, self.folder(name))
-        except BaseException:
+            if old is not None and old.name != name:  # the same relation in another case: the new name replaces it
+                remove_folder(old)
+            place_folder(temp, self.folder(name), "relations.add")
+        except BaseException as error:
             shutil.rmtree(temp, ignore_errors=True)
+            if isinstance(error, OSError):  # a full disk: the library is as it was, say so in one line
+                raise write_error(f"relation '{name}'", error) from None
             raise
         return self.get(name)
 
@@ -140,7 +145,7 @@ class RelationLibrary:
 
     def delete(self, name: str) -> None:
         self.get(name)
-        shutil.rmtree(self.folder(name))
+        remove_folder(self.folder(name))  # gone in one step: a kill mid-delete leaves no half relation
         shutil.rmtree(self.work_dir(name), ignore_errors=True)
 
     def clear_work(self, name: str) -> None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from engines.checkpoint import Checkpoint, TrainingState
+from engines.faults import fault_point
 from engines.prompts import parse_prompt
 from engines.reference_adapter import ADAPTER_NAME as REFERENCE_ADAPTER
 from engines.reference_adapter import has_adapter
@@ -220,6 +221,7 @@ def train_relation(bundle, request: RelationTrainRequest, examples: RelationExam
                     on_progress(StepProgress(step, request.steps, pace * step, loss=curve[-1]))
                 if step % SAVE_EVERY == 0 and step < request.steps:
                     checkpoint.save(state, step, {"curve": curve, "seconds": seconds + elapsed})
+                fault_point("relation.step")
         except Cancelled:
             checkpoint.save(state, step, {"curve": curve, "seconds": seconds + time.perf_counter() - started})
             raise
@@ -305,6 +307,8 @@ def teach_relation(bundle, request: RelationTrainRequest, library, on_progress=N
         lora="",  # the library knows where it puts the file
         loss_curve=tuple(round(v, 5) for v in downsample_curve(trained.curve)),
     )
+    fault_point("relation.trained")  # before the library write
     added = library.add(info, trained.weights, overwrite=overwrite)
+    fault_point("relation.added")
     library.clear_work(request.name)
     return added
