@@ -14,6 +14,8 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from engines.embeddings import Embedding, load_embeddings
+from engines.model_sources import load_single_file, load_vae, missing_model_message, pretrained_pipeline
 from engines.types import InputError, ModelSpec
 from engines.types.tables import QUANTIZATIONS, Quantization
 
@@ -35,6 +37,7 @@ class ModelBundle:
     dtype: torch.dtype
     fingerprint: str
     pending_adapter: Path | None = None  # the demo model's reference adapter, attached on first use (see below)
+    embeddings: tuple[Embedding, ...] = ()  # textual inversions, written in prompts as engines/embeddings.py says
 
     @property
     def is_xl(self) -> bool:
@@ -76,12 +79,17 @@ def load_model(spec: ModelSpec) -> ModelBundle:
         from engines.reference_adapter import load_adapter  # peft: imported only when there is an adapter
 
         load_adapter(pipe.unet, adapter)  # a file the person named: its errors now, not at the first picture
+    if spec.vae is not None:
+        pipe.vae = load_vae(spec.vae, family, dtype)
     _place(pipe, spec, device)
     pipe.set_progress_bar_config(disable=True)
+    # The fingerprint is taken before embeddings add rows: a subject fits the encoder, whatever words are added to it.
+    fingerprint = text_encoder_fingerprint(pipe)
+    embeddings = load_embeddings(pipe, spec.embeddings)
     # The demo model's own adapter waits for the first request that reads photos (engines/references.py): building
     # peft's LoRA layers is start-up work that most runs of `studio generate` would do for nothing.
     pending = adapter if spec.reference_adapter == "auto" else None
-    return ModelBundle(pipe, spec, family, device, dtype, text_encoder_fingerprint(pipe), pending)
+    return ModelBundle(pipe, spec, family, device, dtype, fingerprint, pending, embeddings)
 
 
 def reference_adapter_path(spec: ModelSpec, family: str) -> Path | None:
@@ -166,53 +174,22 @@ def _load_pipeline(spec: ModelSpec, dtype: torch.dtype, components: dict | None 
         if path.is_dir():
             if not (path / "model_index.json").exists():
                 raise InputError(f"{path} is not a diffusers model folder (no model_index.json)")
-            return DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+            return pretrained_pipeline(path, {"local_files_only": True, **kwargs})
         if path.suffix == ".safetensors":
             if not path.is_file():
                 raise InputError(f"model file {path} does not exist")
-            return _load_single_file(path, spec, kwargs)
+            return load_single_file(path, spec, kwargs)
         if path.suffix in (".ckpt", ".pt", ".bin", ".pth"):
             raise InputError(f"{path.name}: Troupe loads weights only from .safetensors (pickle files can run code)")
         if path.exists():  # a file, but neither a model folder nor a .safetensors file
             raise InputError(f"{path} is not a model: give a diffusers folder, a .safetensors file or a Hub id")
         if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
             raise InputError(f"model path {path} does not exist")
-        return DiffusionPipeline.from_pretrained(source, **kwargs)
+        return pretrained_pipeline(source, kwargs)
     except InputError:
         raise
     except (OSError, ValueError, KeyError) as error:  # KeyError: a model_index.json without its fields
-        raise InputError(_missing_model_message(source, error, local=path.exists())) from error
-
-
-def _load_single_file(path: Path, spec: ModelSpec, kwargs: dict) -> DiffusionPipeline:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as weights:
-            keys = set(weights.keys())
-    except Exception as error:  # safetensors' own error types: not a safetensors file at all
-        raise InputError(f"{path.name}: not a readable safetensors file ({type(error).__name__})") from None
-    is_xl = any(k.startswith("conditioner.embedders.1") for k in keys) or spec.family == "sdxl"
-    pipeline_class = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    try:
-        return pipeline_class.from_single_file(str(path), **kwargs)
-    except torch.OutOfMemoryError:
-        raise
-    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError) as error:  # weights of something else
-        raise InputError(
-            f"{path.name}: not a Stable Diffusion checkpoint Troupe can read ({type(error).__name__}: {error})"[:300]
-        ) from None
-
-
-def _missing_model_message(source: str, error: Exception, local: bool = False) -> str:
-    if local:  # a folder or file on this machine: downloading it again is not the cure
-        detail = str(error).splitlines()[0][:200] if str(error) else ""
-        return f"could not load the model at {source} ({type(error).__name__}: {detail}); is it a complete diffusers model?"
-    return (
-        f"could not load model '{source}' ({type(error).__name__}). If it is a Hub id, this machine may be offline: "
-        f"download it where there is network (huggingface-cli download {source}) and pass the folder with "
-        f"--model PATH, or use --model demo"
-    )
+        raise InputError(missing_model_message(source, error, local=path.exists())) from error
 
 
 def _quantization_kwargs(spec: ModelSpec) -> dict:

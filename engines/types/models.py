@@ -19,6 +19,8 @@ class ModelSpec:
     offload: str = "none"
     device: str = "auto"
     reference_adapter: str = "auto"  # a .safetensors LoRA for reference attention; auto: the demo model's own; none
+    vae: str | None = None  # a diffusers VAE folder or a .safetensors VAE in place of the model's own
+    embeddings: tuple[str, ...] = ()  # textual-inversion .safetensors files (engines/embeddings.py)
 
     def __post_init__(self) -> None:
         require(bool(self.source.strip()), "the model source is empty")
@@ -26,6 +28,11 @@ class ModelSpec:
         require(
             adapter in ("auto", "none") or str(adapter).endswith(".safetensors"),
             f"reference adapter must be auto, none or a .safetensors file (got {adapter!r})",
+        )
+        require(self.vae is None or (isinstance(self.vae, str) and bool(self.vae.strip())), "the VAE path is empty")
+        require(
+            isinstance(self.embeddings, tuple) and all(isinstance(e, str) and e.strip() for e in self.embeddings),
+            f"embeddings must be a tuple of file paths (got {self.embeddings!r})",
         )
         for name, allowed in (
             ("family", FAMILIES + (None,)),
