@@ -1,5 +1,8 @@
 """Troupe Studio in the browser: python app.py [--model demo|<hub id>|<path>] [--port 7860] [--library DIR].
 
+`gradio app.py` runs it with hot reload (options after `--`: `gradio app.py -- --model demo`): an edit to a .py file
+under this folder rebuilds the UI in the running server.
+
 Also the entry of a Hugging Face Space: where the `spaces` package is importable (ZeroGPU), GPU handlers are wrapped
 with spaces.GPU and a duration computed from their inputs, every visitor gets a private temporary subject library,
 and the model is fixed.
@@ -9,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,11 @@ try:  # must come before anything that could initialise CUDA
     import spaces  # type: ignore[import-not-found]
 except ImportError:
     spaces = None
+
+from studio import runtime_problem  # noqa: E402
+
+if problem := runtime_problem(("gradio",)):
+    raise SystemExit(problem)  # one line, not an import traceback, when run with a Python outside .venv
 
 from studio.ui import build_ui, make_studio, serve  # noqa: E402
 
@@ -26,7 +33,7 @@ def gpu_wrapper(fn, seconds):
     return spaces.GPU(duration=seconds)(fn)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Troupe Studio")
     parser.add_argument(
         "--model",
@@ -43,23 +50,35 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for generated images and projects (default ./outputs or $TROUPE_OUTPUTS)",
     )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def build_demo(args: argparse.Namespace):
+    """The studio's Blocks for these options (the model itself loads on first use, or now on a Space)."""
     on_space = bool(os.environ.get("SPACE_ID"))
     studio = make_studio(args.model, args.library, args.vram)
     per_user = Path(tempfile.gettempdir()) / "troupe-libraries" if on_space else None
     if on_space:
         studio.model_info()  # load once at start-up, before the first visitor (ZeroGPU moves it to the GPU)
-    demo = build_ui(
+    return build_ui(
         studio,
         per_user_library=per_user,
         gpu=gpu_wrapper if spaces is not None else None,
         allow_model_switch=not on_space,
         outputs_dir=None if on_space else args.outputs,
     )
-    serve(demo, args.host, args.port, args.share)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    serve(build_demo(args), args.host, args.port, args.share)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Hot reload (`gradio app.py`, app options after `--`) serves the module-level Blocks named `demo`, and runs this
+    # file again in its watcher thread at start and after every edit, with __name__ still "__main__": there launch()
+    # returns at once, and a sys.exit() would end the watcher, so the Blocks are kept in `demo` and nothing exits.
+    cli_args = parse_args()
+    demo = build_demo(cli_args)
+    serve(demo, cli_args.host, cli_args.port, cli_args.share)
