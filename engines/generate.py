@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import diffusers
 import torch
@@ -24,8 +24,9 @@ from engines.image_guidance import ImageGuidance
 from engines.layout import build_maps, guidance_scale_at
 from engines.models import ModelBundle
 from engines.previews import latent_preview, previews_per_run
-from engines.prompt_subjects import PromptSubjects, add_residuals
-from engines.prompts import ParsedPrompt, parse_prompt
+from engines.prompt_encoding import PreparedPrompt, prepare_prompt
+from engines.prompt_subjects import PromptSubjects
+from engines.prompts import ParsedPrompt
 from engines.references import ReferencePass, encode_references, routing_masks
 from engines.types import (
     SCHEDULERS,
@@ -37,12 +38,6 @@ from engines.types import (
     StepProgress,
 )
 from kernels.region_attention import GuidanceState, install
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    parsed: ParsedPrompt
-    embeds: dict[str, torch.Tensor]  # the keyword arguments the pipeline takes instead of `prompt`
 
 
 class Generator:
@@ -70,7 +65,7 @@ class Generator:
         # 3. Denoise with layout guidance (and references) installed on the UNet; everything is restored afterwards.
         with (
             self._scheduler(request.scheduler),
-            self._layout_guidance(request, prepared.parsed, width, height) as state,
+            self._layout_guidance(request, prepared.parsed, width, height, prepared.num_tokens) as state,
             self._references(request, subjects, use_references, (width, height), seeds[0], state),
         ):
             fitter = self._box_fitter(request, prepared.parsed, state)
@@ -134,28 +129,7 @@ class Generator:
         return [base + k for k in range(request.num_images)]
 
     def prepare_prompt(self, request: GenerateRequest, subjects: PromptSubjects) -> PreparedPrompt:
-        parsed = parse_prompt(request.prompt, request.layout, subjects.class_words, self.bundle.tokenizers)
-        pipe, device = self.bundle.pipe, self.bundle.device
-        do_cfg = request.cfg > 1
-        if self.bundle.is_xl:
-            positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-                parsed.text,
-                device=device,
-                num_images_per_prompt=request.num_images,
-                do_classifier_free_guidance=do_cfg,
-                negative_prompt=request.negative_prompt or None,
-            )
-            embeds = {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
-        else:
-            positive, negative = pipe.encode_prompt(
-                parsed.text, device, request.num_images, do_cfg, negative_prompt=request.negative_prompt or None
-            )
-            embeds = {}
-        if subjects.residuals:
-            positive = add_residuals(
-                positive, parsed, subjects, [e.config.hidden_size for e in self.bundle.text_encoders]
-            )
-        return PreparedPrompt(parsed, {**embeds, "prompt_embeds": positive, "negative_prompt_embeds": negative})
+        return prepare_prompt(self.bundle, request, subjects)  # weighting and long prompts: engines/prompt_encoding.py
 
     @contextmanager
     def _scheduler(self, name: str):
@@ -170,8 +144,10 @@ class Generator:
             pipe.scheduler = original
 
     @contextmanager
-    def _layout_guidance(self, request: GenerateRequest, parsed: ParsedPrompt, width: int, height: int):
-        """Install the region processors and a UNet pre-hook that sets η(t) from each call's timestep."""
+    def _layout_guidance(self, request: GenerateRequest, parsed: ParsedPrompt, width: int, height: int,
+                         num_tokens: int | None = None):  # fmt: skip
+        """Install the region processors and a UNet pre-hook that sets η(t) from each call's timestep. `num_tokens` is
+        the cross-attention's key length: 77 per window of the longer of prompt and negative prompt."""
         unet = self.bundle.pipe.unet
         guidance = request.guidance
         if not request.layout.regions or (guidance.strength == 0 and guidance.fit_iterations == 0):
@@ -181,7 +157,7 @@ class Generator:
         maps = build_maps(
             request.layout,
             parsed.region_positions,
-            self.bundle.tokenizers[0].model_max_length,
+            num_tokens or parsed.windows * self.bundle.tokenizers[0].model_max_length,
             (height // factor, width // factor),
             len(unet.config.block_out_channels),
             request.guidance,

@@ -52,7 +52,8 @@ def add_residuals(prompt_embeds: torch.Tensor, parsed: ParsedPrompt, subjects: P
                   widths: list[int]) -> torch.Tensor:  # fmt: skip
     """Cones 2 Eq. 6: c' = c + Δ at the class-word tokens of each occurrence of a subject that has a residual. The
     pipeline concatenates the encoders' outputs along features (SDXL: 768 + 1280), so Δ is concatenated in the same
-    order. prompt_embeds (B, T, ΣD) → (B, T, ΣD)."""
+    order. A subject written in a weighted group, `(<rex>:w)`, gets w·Δ: its words were weighted as e + (z − e)·w
+    (engines/prompt_encoding.py), and e + (z + Δ − e)·w is exactly that plus w·Δ. prompt_embeds (B, T, ΣD) → same."""
     out = prompt_embeds.clone()
     names = ENCODER_KEYS[: len(widths)]
     for occurrence in parsed.subjects:
@@ -65,5 +66,7 @@ def add_residuals(prompt_embeds: torch.Tensor, parsed: ParsedPrompt, subjects: P
                 f"<{occurrence.name}> was registered with a class word of {delta.shape[0]} token(s) and "
                 f"width {delta.shape[-1]}; here it is {len(occurrence.positions)} × {sum(widths)}"
             )
+        if occurrence.weight != 1:
+            delta = delta * occurrence.weight
         out[:, list(occurrence.positions)] += delta.to(out.device, out.dtype)
     return out

@@ -1,7 +1,5 @@
 """Prompt syntax and token spans, for one and for both of SDXL's tokenizers."""
 
-import logging
-
 import pytest
 
 from engines.prompts import expand_subjects, parse_prompt
@@ -47,7 +45,7 @@ def test_both_sdxl_tokenizers_agree():
         ("a photo of <rex>", [Region("dog", (0, 0, 1, 1))], "only as part of a subject"),
         ("a photo of <rex>", [Region("", (0, 0, 1, 1), subject="milo")], "does not mention <milo>"),
         ("a photo of <nobody>", [], "no subject named <nobody>"),
-        ("a " * 80 + "dog", [Region("dog", (0, 0, 1, 1))], "token window"),
+        ("a " * 1300 + "dog", [Region("dog", (0, 0, 1, 1))], "reads at most 1200"),
     ],
 )
 def test_bad_layouts_name_the_problem(prompt, regions, message):
@@ -55,7 +53,9 @@ def test_bad_layouts_name_the_problem(prompt, regions, message):
         spans(prompt, regions, {"rex": "dog", "milo": "cat"})
 
 
-def test_long_prompt_is_truncated_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING):
-        parsed = spans("a dog " + "on the beach " * 30, [Region("dog", (0, 0, 1, 1))])
-    assert parsed.region_positions == ((2,),) and "sees only the first" in caplog.text
+def test_long_prompt_binds_words_in_later_windows():
+    """Past 75 tokens the prompt continues in a second window of 77 (BOS, 75 tokens, EOS): token 75 sits at 78."""
+    parsed = spans("a dog " + "on the beach " * 30, [Region("dog", (0, 0, 1, 1))])
+    assert parsed.region_positions == ((2,),) and parsed.windows == 2
+    parsed = spans("on the beach " * 25 + "a dog", [Region("dog", (0, 0, 1, 1))])
+    assert parsed.region_positions == ((77 + 1 + 1,),)  # token 76 (0-based): window 1, place 1 after its BOS
