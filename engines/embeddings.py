@@ -95,10 +95,30 @@ def load_embeddings(pipe, files: Sequence[str]) -> tuple[Embedding, ...]:
     (SDXL: clip_l to the first, clip_g to the second) and the prompt rule installed on the pipeline."""
     if not files:
         return ()
+    from transformers.utils import logging as transformers_logging
+
     pairs = [(getattr(pipe, t, None), getattr(pipe, e, None)) for t, e in
              (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]  # fmt: skip
     pairs = [(tokenizer, encoder) for tokenizer, encoder in pairs if tokenizer is not None and encoder is not None]
-    widths = [encoder.get_input_embeddings().weight.shape[-1] for _, encoder in pairs]
+    read = _read_all(files, [encoder.get_input_embeddings().weight.shape[-1] for _, encoder in pairs])
+    embeddings = []
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # resizing the table logs how new rows start: they are overwritten
+    try:
+        for k, (name, vectors, path) in enumerate(read):
+            slug = re.sub(r"[^a-z0-9]", "", name.lower())[:24]
+            tokens = tuple(f"ti{k}v{i}{slug}" for i in range(vectors[0].shape[0]))
+            for (tokenizer, encoder), per_encoder in zip(pairs, vectors):
+                pipe.load_textual_inversion(per_encoder, token=list(tokens), tokenizer=tokenizer, text_encoder=encoder)
+            embeddings.append(Embedding(name, tokens, path))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    pipe.maybe_convert_prompt = EmbeddingWords(tuple(embeddings))
+    return tuple(embeddings)
+
+
+def _read_all(files: Sequence[str], widths: list[int]) -> list[tuple[str, list[torch.Tensor], Path]]:
+    """Every file read, fitted to the text encoders' widths and named apart, before any is added to the model."""
     read, seen = [], {}
     for file in files:
         path = Path(file).expanduser()
@@ -112,15 +132,7 @@ def load_embeddings(pipe, files: Sequence[str]) -> tuple[Embedding, ...]:
             raise InputError(f"two embeddings are called {name}: {seen[name.lower()].name} and {path.name}")
         seen[name.lower()] = path
         read.append((name, vectors, path))
-    embeddings = []
-    for k, (name, vectors, path) in enumerate(read):
-        slug = re.sub(r"[^a-z0-9]", "", name.lower())[:24]
-        tokens = tuple(f"ti{k}v{i}{slug}" for i in range(vectors[0].shape[0]))
-        for (tokenizer, encoder), per_encoder in zip(pairs, vectors):
-            pipe.load_textual_inversion(per_encoder, token=list(tokens), tokenizer=tokenizer, text_encoder=encoder)
-        embeddings.append(Embedding(name, tokens, path))
-    pipe.maybe_convert_prompt = EmbeddingWords(tuple(embeddings))
-    return tuple(embeddings)
+    return read
 
 
 class EmbeddingWords:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -29,6 +30,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="auto|none|FILE.safetensors",
         help="the LoRA that teaches self-attention to read the subjects' photos (SynCD); auto: the demo model's own",
     )
+    add_vae_and_embeddings(parser)
+
+
+def add_vae_and_embeddings(parser: argparse.ArgumentParser) -> None:
+    """--vae and --embedding: every command that loads a model, the UI's included."""
+    parser.add_argument("--vae", default=None, metavar="PATH", help="a diffusers VAE folder or a .safetensors VAE")
+    parser.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE.safetensors",
+        help="a textual-inversion embedding (repeatable); a prompt names it by the file's stem, as A1111 does, or "
+        "as embedding:STEM (ComfyUI); <name> stays a subject",
+    )
+
+
+def with_vae_and_embeddings(spec: ModelSpec, args: argparse.Namespace) -> ModelSpec:
+    """`spec` (from a machine preset, the UI's make_studio) with the --vae and --embedding files of `args`."""
+    return dataclasses.replace(spec, vae=args.vae, embeddings=tuple(args.embedding))
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -40,6 +60,8 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         offload=args.offload,
         device=args.device,
         reference_adapter=args.reference_adapter,
+        vae=args.vae,
+        embeddings=tuple(args.embedding),
     )
 
 

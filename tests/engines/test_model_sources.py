@@ -246,3 +246,27 @@ def test_a_missing_hub_model_names_the_id_and_the_command(tmp_path):
     assert "someone/some-model" in hub and "hf download someone/some-model" in hub and "\n" not in hub
     local = sources.missing_model_message(str(tmp_path), OSError("broken"), local=True)
     assert "download" not in local and str(tmp_path) in local
+
+
+def test_cli_model_arguments_carry_the_vae_and_embeddings():
+    from studio.__main__ import build_parser
+    from studio.cli.common import model_spec, with_vae_and_embeddings
+
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--prompt",
+            "x",
+            "--vae",
+            "v.safetensors",
+            "--embedding",
+            "a.safetensors",
+            "--embedding",
+            "b.safetensors",
+        ]
+    )
+    spec = model_spec(args)
+    assert spec.vae == "v.safetensors" and spec.embeddings == ("a.safetensors", "b.safetensors")
+    ui = build_parser().parse_args(["ui", "--embedding", "a.safetensors", "--vae", "vae"])
+    assert with_vae_and_embeddings(ModelSpec(), ui) == ModelSpec(vae="vae", embeddings=("a.safetensors",))
+
