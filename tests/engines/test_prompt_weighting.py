@@ -219,3 +219,24 @@ def test_300_token_weighted_prompt_keeps_regions_and_residuals_on_their_words(fa
     saved = metadata.save_png(result.images[0], tmp_path / "long.png")
     reused = metadata.read_request(saved)
     assert reused.prompt == LONG_PROMPT and reused.seed == 3
+
+
+def test_a_textual_inversion_of_several_vectors_shifts_positions_in_a_weighted_prompt(tmp_path):
+    """The parser reads each fragment through the pipeline's embedding hook (engines/embeddings.py), so a 2-vector
+    embedding inside a weighted group takes two places and the subject after it is found where the encoder sees it."""
+    from safetensors.torch import save_file
+
+    from engines.embeddings import load_embeddings
+    from tests.tiny_models import tiny_sd15
+
+    pipe = tiny_sd15()
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "bad-hands.safetensors"))
+    (embedding,) = load_embeddings(pipe, [str(tmp_path / "bad-hands.safetensors")])
+    layout = Layout((Region("", (0, 0, 1, 1), subject="rex"),))
+    prompt = "(bad-hands:1.2), a photo of (<rex>:1.3)"
+    parsed = parse_prompt(prompt, layout, {"rex": "dog"}, [pipe.tokenizer], pipe.maybe_convert_prompt)
+    assert parsed.region_positions == ((7,),)  # BOS, two vectors, ",", a, photo, of, dog
+    ids, weights = window_ids(pipe.tokenizer, parsed.tokens[0], parsed.windows)
+    assert ids[[1, 2]].tolist() == pipe.tokenizer.convert_tokens_to_ids(list(embedding.tokens))
+    assert ids[7].item() == pipe.tokenizer("dog", add_special_tokens=False).input_ids[0]
+    assert weights[[1, 2, 3, 7]].tolist() == pytest.approx([1.2, 1.2, 1.0, 1.3])
