@@ -3,12 +3,13 @@
 One walk through the studio, as a person would: a bad upload shows a readable message; register two subjects from
 photo files; draw two boxes with the mouse and name them; reorder the layers; pick a relation (it fills the prompt
 and proposes boxes), move a proposed box; generate and see the image, whose PNG carries the moved box.
-Screenshots go to artifacts/ (gitignored).
+Screenshots go to pytest's temporary folder (nothing is left in the checkout); TROUPE_SCREENSHOTS=DIR keeps them there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -18,12 +19,21 @@ from PIL import Image
 from tests.tiny_models import subject_photos
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+ARTIFACTS = Path()  # set for each module run by the `screenshots` fixture below
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
 ]
 sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def screenshots(tmp_path_factory):
+    """Where the screenshots go: a person looks at them after a run; a run must not leave files in the checkout."""
+    global ARTIFACTS
+    ARTIFACTS = Path(os.environ.get("TROUPE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +85,6 @@ def _pick(page, elem_id: str, text: str, custom: bool = False):
 
 
 def test_walk_through_the_studio(page, tmp_path):
-    ARTIFACTS.mkdir(exist_ok=True)
     expect = sync_api.expect
 
     # --- Subjects: a bad upload is one readable message, then a real registration
