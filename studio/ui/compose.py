@@ -125,7 +125,7 @@ class ComposeTab:
             lines=3,
             elem_id="prompt",
             placeholder="a photo of <rex> hugging <milo> on the beach — <name> is a "
-            "registered subject; region words must appear here",
+            "registered subject; region words must appear here; (words:1.3) weighs them",
         )
         self.form["negative_prompt"] = gr.Textbox(
             GenerateForm.negative_prompt,
