@@ -5,7 +5,9 @@
 - `stream` runs a GPU job (generation, registration) in a thread and yields its progress, coalesced to the latest
   step, so a slow browser never lags behind the job; the job is cancelled between two steps when asked (Stop) or
   when the browser goes away.
-- `Sessions` keeps what cannot live in gr.State: cancel flags and, on a Space, every visitor's own library.
+- `Sessions` keeps what cannot live in gr.State: cancel flags and, on a Space, every visitor's own library and
+  outputs, removed when the browser tab closes or, for clients that never say goodbye (REST, gradio_client left
+  open), once the session has been idle for `idle_seconds` ($TROUPE_IDLE_MINUTES, 30 by default).
 - `on_gpu` wraps a GPU handler with ZeroGPU's `spaces.GPU` and a duration computed from the same inputs.
 """
 
@@ -15,10 +17,13 @@ import functools
 import hashlib
 import inspect
 import logging
+import os
 import queue
 import shutil
 import tempfile
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +103,7 @@ def stream(work: Work, cancel: threading.Event) -> Iterator[tuple[str, Any]]:
             events.put(("error", error))
 
     thread = threading.Thread(target=run, name="troupe-job", daemon=True)
+    cancel.job = thread  # type: ignore[attr-defined] # Sessions spares a session whose job still runs
     thread.start()
     try:
         while True:
@@ -118,6 +124,21 @@ def stream(work: Work, cancel: threading.Event) -> Iterator[tuple[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ sessions
+IDLE_ENV = "TROUPE_IDLE_MINUTES"
+
+
+def idle_seconds_from_env(default_minutes: float = 30.0) -> float:
+    """How long a Space keeps an idle visitor's files: $TROUPE_IDLE_MINUTES (a positive number), else 30 minutes."""
+    text = os.environ.get(IDLE_ENV, "").strip()
+    try:
+        minutes = float(text) if text else default_minutes
+    except ValueError:
+        raise InputError(f"{IDLE_ENV} must be a number of minutes, not {text!r}") from None
+    if not 0 < minutes < 1e6:
+        raise InputError(f"{IDLE_ENV} must be a positive number of minutes, not {text}")
+    return minutes * 60
+
+
 def session_of(request: gr.Request | None) -> str:
     """The browser session's id ("local" for calls without one)."""
     return (getattr(request, "session_hash", None) or "local") if request is not None else "local"
@@ -134,9 +155,18 @@ class Sessions:
     studio: Studio
     per_user_root: Path | None = None  # set on a Space: every session gets a private library under it
     outputs_dir: Path | None = None  # where a desktop keeps images and projects
+    idle_seconds: float | None = None  # per-user mode: forget a session untouched this long (None: only on unload)
     cancels: dict[tuple[str, str], threading.Event] = field(default_factory=dict)
     studios: dict[str, Studio] = field(default_factory=dict)
+    touched: dict[str, float] = field(default_factory=dict)  # session -> time.monotonic() of its last request
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.per_user_root is not None and self.idle_seconds:
+            interval = min(60.0, max(0.2, self.idle_seconds / 4))
+            threading.Thread(
+                target=_sweeper, args=(weakref.ref(self), interval), name="troupe-idle", daemon=True
+            ).start()
 
     def studio_for(self, request: gr.Request | None) -> Studio:
         """The shared studio, or (per-user mode) a view of it whose library is this session's own folder."""
@@ -144,6 +174,7 @@ class Sessions:
             return self.studio
         session = session_of(request)
         with self.lock:
+            self.touched[session] = time.monotonic()
             if session not in self.studios:
                 self.studios[session] = self.studio.with_library(self.per_user_root / _folder_name(session))
             return self.studios[session]
@@ -158,29 +189,63 @@ class Sessions:
         """The flag that stops this session's job of `kind` ("generate", "register"); `fresh` for a new job."""
         key = (session_of(request), kind)
         with self.lock:
+            self.touched[key[0]] = time.monotonic()
             if fresh or key not in self.cancels:
                 self.cancels[key] = threading.Event()
             return self.cancels[key]
 
     def forget(self, request: gr.Request | None) -> None:
         """The tab closed: stop its jobs, drop its outputs and (per-user mode) its private library."""
-        session = session_of(request)
+        self.forget_session(session_of(request))
+
+    def forget_session(self, session: str) -> None:
         with self.lock:
             for key in [k for k in self.cancels if k[0] == session]:
                 self.cancels.pop(key).set()
-            view = self.studios.pop(session, None)
+            self.studios.pop(session, None)
+            self.touched.pop(session, None)
         if self.per_user_root is None:
             return  # a desktop keeps its outputs
-        folders = [self.outputs(request)] + ([Path(view.library_dir)] if view is not None else [])
-        for folder in folders:
+        for folder in (self._outputs_root() / _folder_name(session), self.per_user_root / _folder_name(session)):
             shutil.rmtree(folder, ignore_errors=True)
+
+    def sweep(self) -> list[str]:
+        """Forget every session idle for longer than `idle_seconds` whose job (if any) has ended, and remove the
+        folders of sessions this process does not know (left by an earlier run) that are as old; the forgotten ids."""
+        if self.per_user_root is None or not self.idle_seconds:
+            return []
+        now = time.monotonic()
+        with self.lock:
+            stale = [s for s, t in self.touched.items() if now - t > self.idle_seconds and not self._busy(s)]
+            known = {_folder_name(s) for s in self.touched if s not in stale}
+        for session in stale:
+            self.forget_session(session)
+        cutoff = time.time() - self.idle_seconds
+        for root in (self.per_user_root, self._outputs_root()):
+            for folder in root.iterdir() if root.is_dir() else ():
+                if folder.name not in known and _modified(folder) < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+        return stale
+
+    def _busy(self, session: str) -> bool:
+        """A job of the session still runs (stream() records its thread on the cancel flag)."""
+        jobs = [getattr(flag, "job", None) for key, flag in self.cancels.items() if key[0] == session]
+        return any(job is not None and job.is_alive() for job in jobs)
 
     def outputs(self, request: gr.Request | None) -> Path:
         """Where this session's images, projects and exports go: a persistent folder on a desktop, a private
         temporary one per visitor on a Space."""
         if self.per_user_root is None and self.outputs_dir is not None:
             return self.outputs_dir
-        return Path(tempfile.gettempdir()) / "troupe-outputs" / _folder_name(session_of(request))
+        session = session_of(request)
+        with self.lock:
+            self.touched[session] = time.monotonic()
+        return self._outputs_root() / _folder_name(session)
+
+    def _outputs_root(self) -> Path:
+        """Beside the per-user libraries on a Space (the system's temporary folder for app.py)."""
+        root = self.per_user_root.parent if self.per_user_root is not None else Path(tempfile.gettempdir())
+        return root / "troupe-outputs"
 
     def native_size(self, fallback: int = 512) -> int:
         """The loaded model's native image side; `fallback` while it cannot load (the Settings tab says why)."""
@@ -188,3 +253,24 @@ class Sessions:
             return int(self.studio.model_info().get("native_size") or fallback)
         except Exception:  # noqa: BLE001 - a size picker must not fail because the model is missing
             return fallback
+
+
+def _modified(folder: Path) -> float:
+    try:
+        return folder.stat().st_mtime
+    except OSError:
+        return float("inf")  # gone already
+
+
+def _sweeper(sessions: weakref.ref, interval: float) -> None:
+    """Sweep idle sessions every `interval` seconds for as long as the app (its Sessions) lives."""
+    while True:
+        time.sleep(interval)
+        alive = sessions()
+        if alive is None:
+            return
+        try:
+            alive.sweep()
+        except Exception:  # noqa: BLE001 - a failed sweep is tried again next time; the app keeps serving
+            log.exception("sweeping idle sessions failed")
+        del alive

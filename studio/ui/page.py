@@ -14,7 +14,7 @@ import gradio as gr
 
 from engines.types import InputError, ModelSpec, SubjectInfo
 from studio.ui.compose import ComposeTab
-from studio.ui.jobs import QUIET, GpuWrapper, Sessions
+from studio.ui.jobs import QUIET, GpuWrapper, Sessions, idle_seconds_from_env
 from studio.ui.relations import RelationsTab
 from studio.ui.settings import SettingsTab
 from studio.ui.subjects import SubjectsTab
@@ -47,20 +47,29 @@ def build_ui(
     allow_model_switch: bool = True,
     outputs_dir: str | Path | None = "outputs",
     title: str = "Troupe Studio",
+    idle_seconds: float | None = None,
 ) -> gr.Blocks:
     """The whole studio as a gr.Blocks. `per_user_library`: a root folder under which every browser session gets
-    its own subject library (Spaces). `gpu`: wraps the GPU handlers (spaces.GPU) with a duration from the inputs."""
+    its own subject library (Spaces), removed when the tab closes or after `idle_seconds` without a request
+    (default $TROUPE_IDLE_MINUTES, else 30 min). `gpu`: wraps the GPU handlers (spaces.GPU) with a duration from
+    the inputs."""
+    if per_user_library and idle_seconds is None:
+        idle_seconds = idle_seconds_from_env()
     sessions = Sessions(
         studio,
         Path(per_user_library) if per_user_library else None,
         Path(outputs_dir).expanduser().resolve() if outputs_dir else None,
+        idle_seconds if per_user_library else None,
     )
     allow_model_switch = allow_model_switch and not per_user_library  # the visitors' views share one model
     info = _model_info(studio)
     native = int(info.get("native_size") or 512)
     subjects = [] if per_user_library else studio.subjects()  # per-visitor lists arrive with the page load
     learned = [] if per_user_library else studio.learned_relations()
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    # on a Space, Gradio's cached copies of uploads and results go too: by age, not by session (a copy can be shared
+    # by several visitors and a queued job still needs its upload), so they are kept at least an hour
+    expiry = (max(60, round(idle_seconds)), max(3600, round(2 * idle_seconds))) if sessions.idle_seconds else None
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=expiry) as demo:
         with gr.Row(elem_classes="tr-header"):
             gr.HTML(
                 '<div class="tr-title"><span class="tr-logo">◐</span> Troupe Studio'
@@ -81,6 +90,7 @@ def build_ui(
         subject_lists.refresh_after(demo.load)  # every page load: this session's subjects (a Space's are private)
         relation_lists.refresh_after(demo.load)  # and its relations
         demo.unload(sessions.forget)
+    demo.troupe_sessions = sessions  # who the app remembers: the load test checks that closed sessions are freed
     return demo
 
 
