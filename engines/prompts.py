@@ -13,6 +13,7 @@ two) so that residuals and guidance land on the same tokens in both encoders.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,18 @@ from engines.types import InputError, Layout, Region, unknown_subject
 
 SUBJECT_PATTERN = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_-]{0,39})>")
 MAX_WINDOWS = 16  # 1,200 tokens for CLIP: far past any prompt people write, short of an accidental paste of a file
+
+
+class _LongPromptNote(logging.Filter):
+    """transformers warns, once per tokenizer, that a text over 77 tokens "will result in indexing errors"; Troupe
+    reads such a prompt in windows, so the line would only mislead. Raised by any tokenizer call on the text,
+    diffusers' textual-inversion hook included, so it is filtered rather than asked not to be said."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token indices sequence length is longer than" not in record.getMessage()
+
+
+logging.getLogger("transformers.tokenization_utils_base").addFilter(_LongPromptNote())
 
 # The text a tokenizer reads for some words (diffusers' textual-inversion loader expands a multi-vector token into
 # several here); the identity when the model has no such tokens.
