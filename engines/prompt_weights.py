@@ -72,7 +72,7 @@ def parse_weights(prompt: str) -> tuple[Fragment, ...]:
 
 def is_plain(prompt: str) -> bool:
     """True when the syntax changes nothing: the text encoder reads the prompt exactly as written."""
-    return parse_weights(prompt) in ((), (Fragment(prompt, 1.0),))
+    return parse_weights(prompt) == ((Fragment(prompt, 1.0),) if prompt else ())
 
 
 def strip_weights(prompt: str) -> str:

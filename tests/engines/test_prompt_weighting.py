@@ -53,6 +53,21 @@ def test_a_group_closed_inside_an_unclosed_bracket_still_weighs():
     assert parse_weights("[[a]") == (Fragment("[", 1.0), Fragment("a", W))
 
 
+def test_any_text_parses_and_a_plain_prompt_reads_exactly_as_written():
+    """Random bracket soup never raises; when the syntax says nothing (is_plain) the text is the prompt itself, so
+    the pipeline may encode it as before. `[]` says something: it takes itself out of the text."""
+    import random
+
+    rng = random.Random(19)
+    for _ in range(3000):
+        prompt = "".join(rng.choice("()[]:\\ab1.2 <>") for _ in range(rng.randint(0, 16)))
+        fragments = parse_weights(prompt)
+        assert all(f.text for f in fragments)
+        if is_plain(prompt):
+            assert "".join(f.text for f in fragments) == prompt
+    assert not is_plain("[]") and is_plain("")
+
+
 def test_subject_in_a_weighted_group_keeps_its_positions_and_weight():
     tokenizer = tiny_tokenizer()
     parsed = parse_prompt(
