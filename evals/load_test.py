@@ -1,6 +1,6 @@
 """Many visitors at once on the studio in Space mode: throughput, queue waits, latency, and isolation between them.
 
-    python -m evals.load_test [--visitors 8] [--steps 4] [--preset quick] [--idle-minutes 0.1] [--json]
+    python -m evals.load_test [--visitors 8] [--steps 4] [--preset quick] [--idle-minutes 2] [--json]
 
 Starts `app.py --model demo` as a Hugging Face Space runs it (SPACE_ID set: a private library per visitor, the model
 fixed) on 127.0.0.1, in a temporary folder of its own ($TMPDIR), and drives N visitors at once with gradio_client, one
@@ -345,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--visitors", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="denoising steps of each generation")
     parser.add_argument("--preset", default="quick", help="registration preset (instant, quick...)")
-    parser.add_argument("--idle-minutes", type=float, default=0.1, help="the app's idle expiry for this run")
+    parser.add_argument(
+        "--idle-minutes",
+        type=float,
+        default=2.0,
+        help="the app's idle expiry for this run: longer than the longest queue wait",
+    )
     parser.add_argument("--model", default="demo")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
