@@ -31,8 +31,9 @@ import torch
 
 from engines.layout import sigma_at
 from engines.types import GuidanceConfig
-from kernels.attention_record import AttentionRecord, inside_energy
+from kernels.attention_record import inside_energy
 from kernels.maps import ResolutionMaps
+from kernels.region_attention import GuidanceState
 
 
 def layout_energy(
@@ -53,7 +54,7 @@ class BoxFitter:
     """Refits the pipeline's latent between steps; the generator calls it from its step callback."""
 
     unet: Any
-    record: AttentionRecord  # the installed region processors record into it
+    guidance: GuidanceState  # the installed region processors record into its AttentionRecord
     region_positions: tuple[tuple[int, ...], ...]
     config: GuidanceConfig
 
@@ -71,7 +72,7 @@ class BoxFitter:
         for _ in range(self.config.fit_iterations):
             with torch.enable_grad():
                 model_input = model_input.detach().requires_grad_(True)
-                with self.record.capture() as recorded:
+                with self.guidance.record.capture() as recorded:
                     self._attend(model_input, timestep, conditioning)
                 energy = layout_energy(recorded, self.region_positions)
                 (gradient,) = torch.autograd.grad(energy, model_input)
@@ -86,13 +87,20 @@ class BoxFitter:
         if last is None:
             self.unet(model_input, timestep, **conditioning)
             return
-        hook = last.register_forward_hook(_stop_forward)
+        hook = last.register_forward_hook(self._stop_forward)
         try:
             self.unet(model_input, timestep, **conditioning)
         except _StopForward:
             pass
         finally:
             hook.remove()
+
+
+    def _stop_forward(self, *_) -> None:
+        """Not while the guidance is suspended: the reference pass (engines/references.py) runs its own UNet forward
+        from inside this one's pre-hook, through the same blocks, and must run to its end."""
+        if not self.guidance.suspended:
+            raise _StopForward()
 
 
 def _last_layer_read(unet, depth: str, regions: int):
@@ -109,10 +117,6 @@ def _last_layer_read(unet, depth: str, regions: int):
 
 class _StopForward(Exception):
     """Raised after the last UNet block that box fitting reads, so the rest of the forward never runs."""
-
-
-def _stop_forward(*_) -> None:
-    raise _StopForward()
 
 
 def with_norm_of(reference: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

@@ -201,7 +201,7 @@ class Generator:
     def _box_fitter(self, request: GenerateRequest, parsed: ParsedPrompt, state: GuidanceState | None):
         if state is None or request.guidance.fit_iterations == 0:
             return None
-        return BoxFitter(self.bundle.pipe.unet, state.record, parsed.region_positions, request.guidance)
+        return BoxFitter(self.bundle.pipe.unet, state, parsed.region_positions, request.guidance)
 
     def _callback_tensors(self, fitter: BoxFitter | None) -> list[str]:
         """What the step callback needs from the pipeline's loop: the conditioning too when it fits boxes."""

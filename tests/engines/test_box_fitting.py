@@ -68,7 +68,7 @@ def one_fit(bundle, guidance: GuidanceConfig) -> tuple[float, float, torch.Tenso
                 unet(x, timestep, **conditioning)
             return float(layout_energy(recorded, prepared.parsed.region_positions))
 
-        fitter = BoxFitter(unet, state.record, prepared.parsed.region_positions, guidance)
+        fitter = BoxFitter(unet, state, prepared.parsed.region_positions, guidance)
         fitted = fitter(scheduler, latents, timestep, conditioning)
         return energy(latents), energy(fitted), latents, fitted
 

@@ -12,7 +12,16 @@ from engines.prompt_subjects import gather_subjects
 from engines.references import ReferencePhoto, cell_readers, encode_references, routing_masks
 from engines.register import register_subject
 from engines.service import Studio
-from engines.types import GenerateRequest, InputError, Layout, ModelSpec, ReferenceConfig, Region, RegisterRequest
+from engines.types import (
+    GenerateRequest,
+    GuidanceConfig,
+    InputError,
+    Layout,
+    ModelSpec,
+    ReferenceConfig,
+    Region,
+    RegisterRequest,
+)
 from tests.tiny_models import subject_photos
 
 PROMPT = "a photo of <rex> and a cat on the beach"
@@ -155,3 +164,13 @@ def test_a_collage_start_denoises_only_the_tail_of_the_trajectory(studio):
     studio.generate(GenerateRequest(PROMPT, layout=LAYOUT, seed=3, steps=4, references=start),
                     on_progress=lambda p: seen.append((p.step, p.total)))  # fmt: skip
     assert seen[-1] == (2, 2)
+
+
+@pytest.mark.parametrize("depth", ["crowd", "full"])
+def test_box_fitting_that_stops_early_reads_its_attention_while_references_run(studio, depth):
+    """The reference pass runs its own UNet forward inside the fitting forward; fitting's early stop (the demo model's
+    default "quick" fitting) must not cut it, nor lose the fitting's attention (it raised "stack expects a non-empty
+    TensorList" before)."""
+    fitted = GuidanceConfig(fit_iterations=1, fit_depth=depth, fit_fraction=1.0)
+    result = studio.generate(GenerateRequest(PROMPT, layout=LAYOUT, seed=3, steps=2, guidance=fitted))
+    assert result.request.references.enabled and np.isfinite(pixels(result)).all()
