@@ -25,7 +25,7 @@ from studio import runtime_problem  # noqa: E402
 if problem := runtime_problem(("gradio",)):
     raise SystemExit(problem)  # one line, not an import traceback, when run with a Python outside .venv
 
-from studio.cli.common import add_vae_and_embeddings, with_vae_and_embeddings  # noqa: E402
+from studio.cli.common import add_model_extras, with_model_extras  # noqa: E402
 from studio.ui import build_ui, make_studio, serve  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder for generated images and projects (default ./outputs or $TROUPE_OUTPUTS)",
     )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    add_vae_and_embeddings(parser)
+    add_model_extras(parser)
     return parser.parse_args(argv)
 
 
@@ -59,7 +59,7 @@ def build_demo(args: argparse.Namespace):
     """The studio's Blocks for these options (the model itself loads on first use, or now on a Space)."""
     on_space = bool(os.environ.get("SPACE_ID"))
     studio = make_studio(args.model, args.library, args.vram)
-    studio.model_spec = with_vae_and_embeddings(studio.model_spec, args)  # the model loads on first use
+    studio.model_spec = with_model_extras(studio.model_spec, args)  # the model loads on first use
     per_user = Path(tempfile.gettempdir()) / "troupe-libraries" if on_space else None
     if on_space:
         studio.model_info()  # load once at start-up, before the first visitor (ZeroGPU moves it to the GPU)

@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from engines.compiled_unet import compile_unet
 from engines.embeddings import Embedding, load_embeddings
 from engines.model_sources import load_single_file, load_vae, missing_model_message, pretrained_pipeline
 from engines.types import InputError, ModelSpec
@@ -82,6 +83,8 @@ def load_model(spec: ModelSpec) -> ModelBundle:
     if spec.vae is not None:
         pipe.vae = load_vae(spec.vae, family, dtype)
     _place(pipe, spec, device)
+    if spec.compile:
+        compile_unet(pipe.unet)  # the graphs are built at the first image of each size
     pipe.set_progress_bar_config(disable=True)
     # The fingerprint is taken before embeddings add rows: a subject fits the encoder, whatever words are added to it.
     fingerprint = text_encoder_fingerprint(pipe)

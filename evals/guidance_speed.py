@@ -61,8 +61,8 @@ def time_cases(generator: Generator, requests: dict[str, GenerateRequest], repea
     return {name: timing.seconds for name, timing in time_calls(calls, repeats).items()}
 
 
-def time_calls(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
-    """Median seconds and peak memory per case, the cases taking turns after a warm-up of each."""
+def time_calls(calls: dict[str, Callable[[], object]], repeats: int, warm_up: bool = True) -> dict[str, Timing]:
+    """Median seconds and peak memory per case, the cases taking turns (after a warm-up of each, unless told not)."""
 
     def once(call: Callable[[], object]) -> tuple[float, float]:
         reset_peak_memory()
@@ -72,8 +72,8 @@ def time_calls(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str
             torch.cuda.synchronize()
         return time.perf_counter() - started, peak_memory_mb()
 
-    for call in calls.values():
-        once(call)  # warm-up
+    for call in calls.values() if warm_up else ():
+        once(call)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():

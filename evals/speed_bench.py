@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from engines.compiled_unet import compile_unet
 from engines.generate import Generator
 from engines.library import SubjectLibrary
 from engines.models import ModelBundle, load_model, resolve_device
@@ -49,6 +50,14 @@ GUIDED = {  # case → the guidance of a Troupe request with guidance_speed's tw
     "Troupe, 2 regions, + quick box fitting": GUIDANCE_MODES["troupe-quick-fit"].config,
 }
 VANILLA, UNGUIDED, REFERENCES = "vanilla diffusers", "Troupe, no regions", "Troupe, references (1 subject, 4 photos)"
+CASES = dict(  # --cases: short name → the case's title in the report
+    zip(("vanilla", "unguided", "guided", "bounded", "fitted", "quick-fit", "references"),
+        (VANILLA, UNGUIDED, *GUIDED, REFERENCES), strict=True)
+)  # fmt: skip
+# Full-size shapes on a CPU (one SD 1.5 CFG step at 256 px: ~14 s on one core): what fits in a few minutes. Box
+# fitting backpropagates through the UNet, references read four photos at 512 px each step, registration trains at
+# 512 px: each is tens of minutes there, so they run when asked for (--cases all, --register-presets).
+CPU_FULL_SIZE_CASES = ("vanilla", "unguided", "guided", "bounded", "quick-fit")
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,9 @@ class SpeedOptions:
     device: str = "auto"
     register_presets: tuple[str, ...] = ("quick", "standard", "thorough")
     register_steps: int | None = 2  # steps timed per preset (None: all); the rest is extrapolated
+    compile: bool = False  # every case on the torch.compile'd UNet (engines/compiled_unet.py), vanilla's included
+    cases: tuple[str, ...] = tuple(CASES)  # keys of CASES; vanilla is always timed (the ratios' denominator)
+    warm_up: bool = True  # an untimed run of each case first (lazy allocations, CUDA kernels, compilation)
 
 
 def device_name(device: torch.device) -> str:
@@ -73,7 +85,15 @@ def device_name(device: torch.device) -> str:
 
 
 def bench_bundle(options: SpeedOptions, folder: Path) -> ModelBundle:
-    """The model to time. Random shapes are saved and loaded again when quantized: the preset's own load path."""
+    """The model to time, compiled when asked (the same UNet for every case, vanilla diffusers' included)."""
+    bundle = _load_bench_model(options, folder)
+    if options.compile:
+        compile_unet(bundle.pipe.unet)
+    return bundle
+
+
+def _load_bench_model(options: SpeedOptions, folder: Path) -> ModelBundle:
+    """Random shapes are saved and loaded again when quantized: the preset's own load path."""
     arch = options.random_arch
     spec = ModelSpec(options.model, dtype=options.dtype, quantization=options.quantization, device=options.device)
     if arch in (None, "demo"):
@@ -109,7 +129,8 @@ def generation_calls(bundle: ModelBundle, options: SpeedOptions, library: Subjec
         request = replace(base, prompt="a photo of <ref> and cat on the beach")
         subjects = gather_subjects(request.prompt, library, bundle.family, bundle.fingerprint)
         calls[REFERENCES] = lambda: generator(request, subjects)
-    return calls
+    chosen = {VANILLA, *(CASES[key] for key in options.cases)}
+    return {name: call for name, call in calls.items() if name in chosen}
 
 
 def reference_library(bundle: ModelBundle, folder: Path) -> SubjectLibrary | None:
@@ -229,11 +250,15 @@ def run_speed_bench(options: SpeedOptions, on_line=print) -> dict:
             "steps": options.steps,
             "cfg": options.cfg,
             "repeats": options.repeats,
+            "warm_up": options.warm_up,
+            "compiled": options.compile,
         }
         on_line(f"{report['model']} ({bundle.family}), {size}x{size}, {options.steps} steps, CFG {options.cfg}, "
-                f"{report['dtype']}, quantization {options.quantization}, on {report['device']}")  # fmt: skip
-        library = reference_library(bundle, folder)
-        timings = time_calls(generation_calls(bundle, options, library), options.repeats)
+                f"{report['dtype']}, quantization {options.quantization}{', compiled' * options.compile}, on {report['device']}")  # fmt: skip
+        # first: its one-step requests also bring every code path in before anything is timed
+        operators = attention_operators(bundle, options)
+        library = reference_library(bundle, folder) if "references" in options.cases else None
+        timings = time_calls(generation_calls(bundle, options, library), options.repeats, options.warm_up)
         vanilla = timings[VANILLA].seconds
         report["cases"] = {
             name: {
@@ -243,7 +268,7 @@ def run_speed_bench(options: SpeedOptions, on_line=print) -> dict:
             }
             for name, t in timings.items()
         }
-        report["operators"] = attention_operators(bundle, options)
+        report["operators"] = operators
         report["registration"] = registration(bundle, options, folder) if options.register_presets else {}
     return report
 

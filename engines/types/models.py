@@ -21,6 +21,7 @@ class ModelSpec:
     reference_adapter: str = "auto"  # a .safetensors LoRA for reference attention; auto: the demo model's own; none
     vae: str | None = None  # a diffusers VAE folder or a .safetensors VAE in place of the model's own
     embeddings: tuple[str, ...] = ()  # textual-inversion .safetensors files (engines/embeddings.py)
+    compile: bool = False  # torch.compile the UNet for generation (engines/compiled_unet.py)
 
     def __post_init__(self) -> None:
         require(bool(self.source.strip()), "the model source is empty")
@@ -34,6 +35,7 @@ class ModelSpec:
             isinstance(self.embeddings, tuple) and all(isinstance(e, str) and e.strip() for e in self.embeddings),
             f"embeddings must be a tuple of file paths (got {self.embeddings!r})",
         )
+        require(type(self.compile) is bool, f"compile must be true or false (got {self.compile!r})")
         for name, allowed in (
             ("family", FAMILIES + (None,)),
             ("dtype", DTYPES),

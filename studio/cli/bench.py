@@ -85,8 +85,23 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
         help="full-size SD 1.5 / SDXL shapes with random weights (nothing downloaded), or the demo model",
     )
     speed.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's own)")
-    speed.add_argument("--repeats", type=int, default=2, help="timed runs per case after a warm-up")
-    speed.add_argument("--register-presets", default="quick,standard,thorough", help="comma-separated; '' skips")
+    speed.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per case (default 2 after a warm-up; 1 and no warm-up for full-size shapes on a CPU)",
+    )
+    speed.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated from all, vanilla, unguided, guided, bounded, fitted, quick-fit, references (default "
+        "all; for full-size shapes on a CPU: vanilla, unguided, guided, bounded, quick-fit)",
+    )
+    speed.add_argument(
+        "--register-presets",
+        default=None,
+        help="comma-separated; '' skips (default quick,standard,thorough; none for full-size shapes on a CPU)",
+    )
     speed.add_argument(
         "--register-steps",
         type=int,
@@ -189,25 +204,37 @@ def bench_options(args: argparse.Namespace):
 
 
 def run_speed(args: argparse.Namespace) -> int:
+    from engines.models import resolve_device
     from engines.types import REGISTER_PRESETS, InputError
-    from evals.speed_bench import SpeedOptions, run_speed_bench, speed_tables
+    from evals.speed_bench import CASES, CPU_FULL_SIZE_CASES, SpeedOptions, run_speed_bench, speed_tables
 
-    presets = tuple(p.strip() for p in args.register_presets.split(",") if p.strip())
-    unknown = [p for p in presets if p not in REGISTER_PRESETS]
-    if unknown or args.steps < 1 or args.repeats < 1 or args.register_steps == 1 or args.register_steps < 0:
+    lean = args.random_arch in ("sd15", "sdxl") and resolve_device(args.device).type == "cpu"
+    presets = _names(args.register_presets, () if lean else tuple(REGISTER_PRESETS))
+    cases = _names(args.cases, CPU_FULL_SIZE_CASES if lean else tuple(CASES))
+    cases = tuple(CASES) if cases == ("all",) else cases
+    repeats = args.repeats if args.repeats is not None else 1 if lean else 2
+    unknown = [p for p in presets if p not in REGISTER_PRESETS] + [c for c in cases if c not in CASES]
+    if unknown or args.steps < 1 or repeats < 1 or args.register_steps == 1 or args.register_steps < 0:
         raise InputError(f"speed bench: steps and repeats ≥ 1, register steps 0 (all) or ≥ 2 (a step's time needs "
-                         f"two), presets from {', '.join(REGISTER_PRESETS)} (got {', '.join(unknown) or 'those'})")  # fmt: skip
+                         f"two), presets from {', '.join(REGISTER_PRESETS)}, cases from all, {', '.join(CASES)} "
+                         f"(got {', '.join(unknown) or 'those'})")  # fmt: skip
+    if lean and (args.cases is None or args.register_presets is None):
+        print(f"full-size shapes on a CPU: cases {', '.join(cases)}, {repeats} run each, no warm-up, "
+              f"registration {', '.join(presets) or 'skipped'} (--cases all and --register-presets for the rest)")  # fmt: skip
     options = SpeedOptions(
         model=args.model,
         random_arch=args.random_arch,
         size=args.size,
         steps=args.steps,
-        repeats=args.repeats,
+        repeats=repeats,
         quantization=args.quantization,
         dtype=args.dtype,
         device=args.device,
         register_presets=presets,
         register_steps=args.register_steps or None,
+        compile=args.compile,
+        cases=cases,
+        warm_up=not lean or args.repeats is not None,
     )
     report = run_speed_bench(options)
     print(speed_tables(report))
@@ -215,6 +242,10 @@ def run_speed(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _names(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    return default if text is None else tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,11 +30,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="auto|none|FILE.safetensors",
         help="the LoRA that teaches self-attention to read the subjects' photos (SynCD); auto: the demo model's own",
     )
-    add_vae_and_embeddings(parser)
+    add_model_extras(parser)
 
 
-def add_vae_and_embeddings(parser: argparse.ArgumentParser) -> None:
-    """--vae and --embedding: every command that loads a model, the UI's included."""
+def add_model_extras(parser: argparse.ArgumentParser) -> None:
+    """--vae, --embedding and --compile: every command that loads a model, the UI's included."""
     parser.add_argument("--vae", default=None, metavar="PATH", help="a diffusers VAE folder or a .safetensors VAE")
     parser.add_argument(
         "--embedding",
@@ -44,11 +44,17 @@ def add_vae_and_embeddings(parser: argparse.ArgumentParser) -> None:
         help="a textual-inversion embedding (repeatable); a prompt names it by the file's stem, as A1111 does, or "
         "as embedding:STEM (ComfyUI); <name> stays a subject",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (with CUDA graphs on a GPU): faster steps after a first image that compiles "
+        "for a minute or more per image size; box fitting and registration stay eager",
+    )
 
 
-def with_vae_and_embeddings(spec: ModelSpec, args: argparse.Namespace) -> ModelSpec:
-    """`spec` (from a machine preset, the UI's make_studio) with the --vae and --embedding files of `args`."""
-    return dataclasses.replace(spec, vae=args.vae, embeddings=tuple(args.embedding))
+def with_model_extras(spec: ModelSpec, args: argparse.Namespace) -> ModelSpec:
+    """`spec` (from a machine preset, the UI's make_studio) with the --vae, --embedding and --compile of `args`."""
+    return dataclasses.replace(spec, vae=args.vae, embeddings=tuple(args.embedding), compile=args.compile)
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -62,6 +68,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         reference_adapter=args.reference_adapter,
         vae=args.vae,
         embeddings=tuple(args.embedding),
+        compile=args.compile,
     )
 
 

@@ -248,9 +248,9 @@ def test_a_missing_hub_model_names_the_id_and_the_command(tmp_path):
     assert "download" not in local and str(tmp_path) in local
 
 
-def test_cli_model_arguments_carry_the_vae_and_embeddings():
+def test_cli_model_arguments_carry_the_vae_embeddings_and_compile():
     from studio.__main__ import build_parser
-    from studio.cli.common import model_spec, with_vae_and_embeddings
+    from studio.cli.common import model_spec, with_model_extras
 
     args = build_parser().parse_args(
         [
@@ -267,6 +267,7 @@ def test_cli_model_arguments_carry_the_vae_and_embeddings():
     )
     spec = model_spec(args)
     assert spec.vae == "v.safetensors" and spec.embeddings == ("a.safetensors", "b.safetensors")
-    ui = build_parser().parse_args(["ui", "--embedding", "a.safetensors", "--vae", "vae"])
-    assert with_vae_and_embeddings(ModelSpec(), ui) == ModelSpec(vae="vae", embeddings=("a.safetensors",))
-
+    assert not spec.compile
+    ui = build_parser().parse_args(["ui", "--embedding", "a.safetensors", "--vae", "vae", "--compile"])
+    expected = ModelSpec(vae="vae", embeddings=("a.safetensors",), compile=True)
+    assert with_model_extras(ModelSpec(), ui) == expected
