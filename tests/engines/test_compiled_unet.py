@@ -21,16 +21,16 @@ def request(x0: float, fit: int = 0) -> GenerateRequest:
     return GenerateRequest(PROMPT, layout=layout, seed=3, steps=3, guidance=GuidanceConfig(fit_iterations=fit))
 
 
-@pytest.fixture
-def bundles(tiny_sd15_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def bundles(tiny_sd15_dir):
     """An eager and a compiled copy of the tiny SD 1.5; aot_eager captures the same graph as inductor in seconds."""
-    monkeypatch.setattr(compiled_unet, "COMPILE_BACKEND", "aot_eager")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    eager = load_model(ModelSpec(str(tiny_sd15_dir)))
-    compiled = load_model(ModelSpec(str(tiny_sd15_dir)))
-    compiled_unet.compile_unet(compiled.pipe.unet)
-    yield eager, compiled
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compiled_unet, "COMPILE_BACKEND", "aot_eager")
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        eager = load_model(ModelSpec(str(tiny_sd15_dir)))
+        compiled = load_model(ModelSpec(str(tiny_sd15_dir), compile=True))  # the path --compile takes
+        yield eager, compiled
     torch._dynamo.reset()
 
 
@@ -47,4 +47,5 @@ def test_compiled_guided_generation_matches_eager_and_compiles_once(bundles):
 
 def test_box_fitting_runs_eagerly_on_a_compiled_unet(bundles):
     eager, compiled = bundles
+    assert isinstance(compiled.pipe.unet.forward, compiled_unet.CompiledForward)
     assert np.abs(pixels(compiled, request(0.0, fit=1)) - pixels(eager, request(0.0, fit=1))).max() <= 1
