@@ -19,11 +19,13 @@ from engines.types.tables import sampler_title
 
 CHUNK = "troupe"
 FORMAT_VERSION = 2  # 2: requests carry `references`; a version-1 image was made before they existed
+VAE_HASH, TI_HASH = 10, 12  # hex digits A1111 writes for `VAE hash` and for each embedding in `TI hashes`
 
 
 def png_info(request: GenerateRequest, bundle: Any) -> dict[str, str]:
     """The text chunks of one image: `request` must already carry that image's own seed."""
     model = {"source": bundle.spec.source, "family": bundle.family, "fingerprint": bundle.fingerprint}
+    model.update(model_files(request, bundle))
     troupe = {"version": FORMAT_VERSION, "request": request.to_dict(), "model": model}
     return {CHUNK: json.dumps(troupe, sort_keys=True), "parameters": a1111_parameters(request, bundle)}
 
@@ -39,6 +41,11 @@ def a1111_parameters(request: GenerateRequest, bundle: Any) -> str:
         ("Model hash", model_hash(bundle.spec.source)),
         ("Model", model_name(bundle.spec.source)),
     ]
+    files = model_files(request, bundle)  # A1111's names and order: VAE hash, VAE, ..., TI hashes
+    if "vae" in files:
+        fields += [("VAE hash", files["vae"]["hash"]), ("VAE", files["vae"]["name"])]
+    if files.get("embeddings"):
+        fields.append(("TI hashes", ", ".join(f"{e['name']}: {e['hash']}" for e in files["embeddings"])))
     if request.layout.regions:
         fields.append(("Troupe regions", json.dumps([[r.label, list(r.box), r.layer] for r in request.layout.regions])))
     if request.relation:
@@ -48,6 +55,47 @@ def a1111_parameters(request: GenerateRequest, bundle: Any) -> str:
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields if value is not None)
     negative = f"\nNegative prompt: {request.negative_prompt}" if request.negative_prompt else ""
     return f"{request.prompt}{negative}\n{line}"
+
+
+def model_files(request: GenerateRequest, bundle: Any) -> dict[str, Any]:
+    """The VAE that replaced the model's own and the textual inversions the prompt or negative names, with A1111's
+    short hashes (VAE: 10 hex digits of the file's sha256, an embedding: 12), so that a reused PNG can say which
+    files it needs (engines/png_import.py's unloaded_files). A VAE folder's hash covers its files, as a model's."""
+    files: dict[str, Any] = {}
+    spec = getattr(bundle, "spec", None)
+    if getattr(spec, "vae", None):
+        vae = Path(spec.vae).expanduser()
+        files["vae"] = {"name": vae.name, "hash": file_hash(vae)[:VAE_HASH]}
+    used = []
+    for embedding, pattern in _embedding_words(bundle):
+        if pattern.search(request.prompt) or pattern.search(request.negative_prompt or ""):
+            used.append(
+                {"name": embedding.name, "file": embedding.path.name, "hash": file_hash(embedding.path)[:TI_HASH]}
+            )
+    if used:
+        files["embeddings"] = used
+    return files
+
+
+def _embedding_words(bundle: Any) -> list[tuple[Any, re.Pattern]]:
+    """Each loaded embedding with the pattern by which a prompt names it (engines/embeddings.EmbeddingWords)."""
+    embeddings = tuple(getattr(bundle, "embeddings", ()) or ())
+    if not embeddings:
+        return []
+    from engines.embeddings import EmbeddingWords  # torch: a bundle with embeddings has it loaded already
+
+    return list(zip(embeddings, EmbeddingWords(embeddings).patterns))
+
+
+def file_hash(path: Path) -> str:
+    """The sha256 of a file, or of a folder's files (their relative names and contents), cached as model_hash's."""
+    path = Path(path).expanduser().resolve()
+    if path.is_file():
+        return _hash_files(path, ((path, *_stamp(path)),))
+    inside = sorted(
+        f for f in path.glob("**/*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+    )
+    return _hash_files(path, tuple((f, *_stamp(f)) for f in inside))
 
 
 def ran_sampler(key: str, bundle: Any) -> str:

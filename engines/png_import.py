@@ -16,16 +16,22 @@ from typing import Any
 
 from PIL import Image
 
-from engines.metadata import CHUNK, open_image, read_request
-from engines.types import SCHEDULERS, GenerateRequest, InputError
-from engines.types.opened import OpenedImage
+from engines.metadata import CHUNK, TI_HASH, VAE_HASH, file_hash, open_image, read_request
+from engines.types import SCHEDULERS, GenerateRequest, InputError, ModelSpec
+from engines.types.opened import ModelFile, OpenedImage
 from engines.types.tables import sampler_key
 
 # `Key: value` with A1111's quoting: a value holding a comma, a colon or a newline is written as a JSON string
 _FIELD = re.compile(r'\s*(\w[\w \-/+.()]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 # A1111's extra networks in a prompt, e.g. <lora:name:0.8>; Troupe's <subject> has no colon, so it is never one
 _NETWORK = re.compile(r"<(lora|lyco|hypernet):([^:>]+)(?::([^:>]*))?[^>]*>", re.IGNORECASE)
-_QUIET = {"Version", "Model hash"}  # identify the image's origin; they are not settings to carry
+_QUIET = {
+    "Version",
+    "Model hash",
+    "VAE",
+    "VAE hash",
+    "TI hashes",
+}  # identify the image's origin; they are not settings to carry
 _SAMPLERS = ("KSampler", "KSamplerAdvanced")
 _LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
 MAX_HOPS = 8  # links followed to find a value (a seed or a text from a primitive node)
@@ -37,7 +43,7 @@ def open_png(source: str | Path | Image.Image) -> OpenedImage:
     image = source if isinstance(source, Image.Image) else open_image(Path(source))
     chunks = {**getattr(image, "text", {}), **image.info}
     if CHUNK in chunks:
-        return OpenedImage(read_request(image), "Troupe")
+        return OpenedImage(read_request(image), "Troupe", files=_troupe_files(chunks[CHUNK]))
     if isinstance(chunks.get("parameters"), str):
         return from_a1111(chunks["parameters"])
     if isinstance(chunks.get("prompt"), str):
@@ -45,6 +51,56 @@ def open_png(source: str | Path | Image.Image) -> OpenedImage:
     if isinstance(chunks.get("workflow"), str):
         return from_comfyui(json.dumps(workflow_graph(chunks["workflow"])))
     raise InputError("this image carries no settings Troupe can read (a PNG saved by Troupe, A1111 or ComfyUI)")
+
+
+# ------------------------------------------------------------------------------------------------ VAE, embeddings
+def unloaded_files(opened: OpenedImage, spec: ModelSpec) -> OpenedImage:
+    """`opened` with the VAE and embeddings it was made with that `spec` does not load (by A1111's short hash when
+    the image has one, else by name), so that reusing it never silently renders with other files."""
+    if not opened.files:
+        return opened
+    loaded = [("VAE", Path(spec.vae).expanduser())] if spec.vae else []
+    loaded += [("embedding", Path(e).expanduser()) for e in spec.embeddings]
+    missing = tuple(f for f in opened.files if not any(_same(f, kind, path) for kind, path in loaded))
+    return replace(opened, unloaded=missing)
+
+
+def _same(wanted: ModelFile, kind: str, path: Path) -> bool:
+    if wanted.kind != kind or not path.exists():
+        return False
+    if wanted.hash:
+        return file_hash(path)[: len(wanted.hash)] == wanted.hash.lower()
+    name = path.name if kind == "VAE" else path.stem
+    return name.lower() == wanted.name.lower()
+
+
+def _troupe_files(text: str) -> tuple[ModelFile, ...]:
+    """The `model` section of Troupe's chunk (engines/metadata.model_files); an image from before it holds none."""
+    try:
+        model = json.loads(text).get("model") or {}
+        vae = model.get("vae")
+        files = [ModelFile("VAE", str(vae["name"]), vae.get("hash"))] if isinstance(vae, dict) else []
+        files += [ModelFile("embedding", str(e["name"]), e.get("hash")) for e in model.get("embeddings") or ()]
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, RecursionError):
+        return ()  # read_request has already judged the chunk; a damaged model section only loses this check
+    return tuple(files)
+
+
+def _a1111_files(fields: dict[str, str]) -> tuple[ModelFile, ...]:
+    """A1111's `VAE`, `VAE hash` and `TI hashes: "name: hash, name: hash"` fields."""
+    files = []
+    if fields.get("VAE") or fields.get("VAE hash"):
+        files.append(ModelFile("VAE", fields.get("VAE") or "(unnamed)", _hex(fields.get("VAE hash"), VAE_HASH)))
+    for item in (fields.get("TI hashes") or "").split(","):
+        name, _, digest = item.strip().rpartition(":")
+        if name.strip():
+            files.append(ModelFile("embedding", name.strip(), _hex(digest, TI_HASH)))
+    return tuple(files)
+
+
+def _hex(text: str | None, digits: int) -> str | None:
+    text = (text or "").strip().lower()
+    return text[:digits] if re.fullmatch(r"[0-9a-f]{6,64}", text) else None
 
 
 # ------------------------------------------------------------------------------------------------ A1111
@@ -81,7 +137,8 @@ def from_a1111(text: str) -> OpenedImage:
             dropped.append(f"model {value} (load it with --model)")
         elif key not in _QUIET and key != "Schedule type":
             dropped.append(f"{key}: {_short(value)}")
-    return OpenedImage(_request(prompt, negative, wanted, dropped), "A1111", tuple(dropped))
+    request = _request(prompt, negative, wanted, dropped)
+    return OpenedImage(request, "A1111", tuple(dropped), files=_a1111_files(fields))
 
 
 def _fields(line: str) -> dict[str, str]:

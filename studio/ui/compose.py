@@ -319,7 +319,10 @@ class ComposeTab:
     def reuse(self, path: str | None, request: gr.Request) -> tuple[Any, ...]:
         if not path:
             raise InputError("click a result first, then reuse its settings")
-        return self._apply(self.sessions.studio_for(request).read_request(path), request)
+        opened = self.sessions.studio_for(request).open_png(path)  # says which VAE/embeddings it needs, if not loaded
+        if opened.note:
+            gr.Warning(opened.note)
+        return self._apply(opened.request, request)
 
     def open_png(self, file: Any, request: gr.Request) -> tuple[Any, ...]:
         """A Troupe PNG's settings, or an A1111 or ComfyUI PNG's as a start; what did not carry over is one toast."""
