@@ -171,10 +171,11 @@ class Studio:
 
     def open_png(self, png_path: str | Path):
         """The settings of a Troupe, A1111 or ComfyUI PNG as an engines.types.opened.OpenedImage (the request and
-        what of another tool's settings could not be carried over)."""
-        from engines.png_import import open_png
+        what of another tool's settings could not be carried over, and the VAE and embeddings it was made with that
+        this studio's model does not load)."""
+        from engines.png_import import open_png, unloaded_files
 
-        return open_png(png_path)
+        return unloaded_files(open_png(png_path), self.model_spec)
 
     # Batches --------------------------------------------------------------------------------------------------
     def read_jobs(self, path: str | Path) -> JobFile:
