@@ -336,14 +336,21 @@ class ModelForm(Form):
     quantization: str = ModelSpec.quantization
     offload: str = ModelSpec.offload
 
-    def to_request(self) -> ModelSpec:
-        """The one place where the settings widgets become a ModelSpec (checked by its constructor)."""
+    def to_request(self, started: ModelSpec | None = None) -> ModelSpec:
+        """The one place where the settings widgets become a ModelSpec (checked by its constructor). The options the
+        tab has no widget for (--vae, --embedding, --compile, --reference-adapter) come from `started`, the spec the
+        studio runs now, so that switching models keeps what the app was started with."""
+        started = started or ModelSpec()
         return ModelSpec(
             source=(self.source or "").strip(),
             device=self.device,
             dtype=self.dtype,
             quantization=self.quantization,
             offload=self.offload,
+            reference_adapter=started.reference_adapter,
+            vae=started.vae,
+            embeddings=started.embeddings,
+            compile=started.compile,
         )
 
     @classmethod

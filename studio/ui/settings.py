@@ -118,7 +118,7 @@ class SettingsTab:
         """Stream (status, model info, header badge, size choices); the old model stays if the new one fails."""
         if not self.allow_switch:
             raise InputError("this studio's model is fixed (switching is off here)")
-        spec = form.to_request()
+        spec = form.to_request(self.sessions.studio.model_spec)  # keeps the app's --vae, --embedding, --compile
         yield (
             progress_html(f"Loading {spec.source}…", extra="other jobs wait their turn"),
             gr.skip(),
