@@ -77,6 +77,9 @@ class Studio:
         self._bundle = None
         self._library = None
         self._gpu = threading.RLock()
+        # A request's LoRA path → where this studio reads that file instead. Set only on a Ray batch worker, whose
+        # copies of the driver's files live in a private folder: the request, and so the PNG, keeps the person's path.
+        self.lora_copies: dict[str, str] = {}
 
     # Model ----------------------------------------------------------------------------------------------------
     @property
@@ -143,7 +146,7 @@ class Studio:
 
     def request_loras(self, request: GenerateRequest) -> list[LoraRef]:
         """The person's LoRAs, then the relation's own at the relation's scale (a preset without one adds none)."""
-        loras = list(request.loras)
+        loras = [dataclasses.replace(lora, path=self.lora_copies.get(lora.path, lora.path)) for lora in request.loras]
         if request.relation:
             from engines.relations import get_relation
 

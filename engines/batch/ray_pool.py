@@ -4,17 +4,28 @@ Ray places the actors (one GPU each on a GPU cluster; one CPU and one torch thre
 actor whose process dies (`max_restarts=-1`: a worker killed mid-job is replaced, reloading its model). The driver
 hands each idle actor the next job and waits on the results with `ray.wait`; the job of an actor that died is
 recorded as a failed attempt and tried again, as any failed job is. Only the driver writes files, so nodes need no
-shared folder, and the subjects and learned relations the jobs use travel to each actor with its start.
+shared folder, and the subjects and learned relations the jobs use travel to each actor with its start. The LoRA files
+the requests name are put in Ray's object store once and travel with each job that uses them as references: an actor
+fetches a file's bytes only the first time it meets them (render.lora_copy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections import deque
 from pathlib import Path
 
-from engines.batch.render import JobOutcome, pack_library, render_job, unpack_library, worker_name
+from engines.batch.render import (
+    JobOutcome,
+    lora_copy,
+    pack_library,
+    pack_loras,
+    render_job,
+    unpack_library,
+    worker_name,
+)
 from engines.types import InputError, ModelSpec
 from engines.types.batch import LOCAL_RAY, BatchJob, BatchOptions
 
@@ -36,7 +47,17 @@ class BatchWorker:
     def ready(self) -> str:
         return self.name
 
-    def render(self, job: BatchJob) -> JobOutcome:
+    def render(self, job: BatchJob, loras: dict | None = None) -> JobOutcome:
+        """One job; `loras` holds its LoRA files as the request's path → (sha256, object reference to the bytes)."""
+        import ray
+
+        try:
+            for path, (digest, ref) in (loras or {}).items():
+                if path not in self.studio.lora_copies:
+                    fetch = lambda ref=ref: ray.get(ref)  # noqa: E731 - only when this actor has no copy yet
+                    self.studio.lora_copies[path] = lora_copy(self.scratch / "loras", path, digest, fetch)
+        except Exception as error:  # noqa: BLE001 - the job's failure, recorded and retried like any other
+            return JobOutcome(job.key, worker=self.name, error=f"the LoRA files did not reach this worker: {error}")
         return render_job(self.studio, job, self.scratch, self.name)
 
 
@@ -73,6 +94,14 @@ def actor_plan(spec: ModelSpec, workers: int | None) -> tuple[int, dict, int | N
     return workers or cpus, {"num_cpus": 1}, 1
 
 
+def worker_spec(spec: ModelSpec, resources: dict) -> ModelSpec:
+    """The model spec an actor loads: a GPU actor sees only the GPU Ray gave it (Ray sets CUDA_VISIBLE_DEVICES), as
+    cuda:0, so "cuda:N" becomes "cuda" there; "auto" already finds that GPU."""
+    if resources.get("num_gpus") and spec.device.startswith("cuda:"):
+        return dataclasses.replace(spec, device="cuda")
+    return spec
+
+
 def start_actors(studio, pending: list[BatchJob], options: BatchOptions) -> tuple[list, object]:
     """The actors, started and ready, and the payload they were built from (kept alive: Ray rebuilds a restarted
     actor from the same arguments)."""
@@ -82,7 +111,8 @@ def start_actors(studio, pending: list[BatchJob], options: BatchOptions) -> tupl
     with tempfile.TemporaryDirectory(prefix="troupe-pack-") as scratch:
         payload = ray.put(pack_library(studio, pending, Path(scratch)))
     actor_class = ray.remote(BatchWorker).options(max_restarts=-1, **resources)
-    actors = [actor_class.remote(type(studio), studio.model_spec, payload, threads) for _ in range(count)]
+    spec = worker_spec(studio.model_spec, resources)
+    actors = [actor_class.remote(type(studio), spec, payload, threads) for _ in range(count)]
     try:  # a model that cannot load is one error now, not the same failure recorded for every job
         ray.get([actor.ready.remote() for actor in actors])
     except ray.exceptions.RayActorError as error:
@@ -99,8 +129,9 @@ def run_on_ray(studio, pending: list[BatchJob], ledger, options: BatchOptions) -
     started_here = connect(options)
     try:
         actors, _payload = start_actors(studio, pending, options)
+        shipped = {path: (digest, ray.put(data)) for path, (digest, data) in pack_loras(pending).items()}
         ledger.start()
-        dispatch(actors, deque(pending), ledger)
+        dispatch(actors, deque(pending), ledger, shipped)
         for actor in actors:
             ray.kill(actor)
         return len(actors)
@@ -109,10 +140,11 @@ def run_on_ray(studio, pending: list[BatchJob], ledger, options: BatchOptions) -
             ray.shutdown()
 
 
-def dispatch(actors: list, queue: deque, ledger) -> None:
+def dispatch(actors: list, queue: deque, ledger, shipped: dict | None = None) -> None:
     """Give each idle actor the next job until every job is settled. An actor whose job was lost is restarted by Ray
     (reloading its model); it gets work again once a `ready` call, retried by Ray until the restart is done, returns.
-    Work in flight: ref → (actor, job), or (actor, None) for such a readiness call."""
+    Work in flight: ref → (actor, job), or (actor, None) for such a readiness call. `shipped`: LoRA path → (sha256,
+    object reference), of which each job takes the files it names."""
     import ray
 
     idle, running = list(actors), {}
@@ -121,7 +153,8 @@ def dispatch(actors: list, queue: deque, ledger) -> None:
             raise RuntimeError("every Ray worker is gone")
         while queue and idle:
             actor, job = idle.pop(), queue.popleft()
-            running[actor.render.remote(job)] = (actor, job)
+            loras = {lora.path: (shipped or {})[lora.path] for lora in job.request.loras}
+            running[actor.render.remote(job, loras)] = (actor, job)
         [ref], _ = ray.wait(list(running), num_returns=1)
         actor, job = running.pop(ref)
         try:

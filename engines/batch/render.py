@@ -5,17 +5,20 @@ as PNG bytes: the driver writes every file, so a worker on another machine needs
 picture do not depend on where it was made.
 
 Subjects and learned relations travel as the single-file exports of their libraries (a few KB of residuals plus the
-photos and masks; a relation's LoRA): a worker imports them into a private library of its own.
+photos and masks; a relation's LoRA): a worker imports them into a private library of its own. The LoRA files that
+requests name travel as bytes with the jobs that use them: a worker writes each into a private folder once, under its
+sha256, and reads it from there, while the request (and so the PNG and the job's hash) keeps the person's path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,3 +151,39 @@ def unpack_library(studio, payload: dict[str, dict[str, bytes]], scratch: Path) 
             else:
                 studio.import_relation(path, name)
             path.unlink()
+
+
+def pack_loras(jobs: Iterable[BatchJob]) -> dict[str, tuple[str, bytes]]:
+    """The LoRA files the jobs name, read here once: the path as the request writes it → (sha256, the file's bytes)."""
+    packed = {}
+    for path in sorted({lora.path for job in jobs for lora in job.request.loras}):
+        try:
+            data = Path(path).expanduser().read_bytes()
+        except OSError as error:  # checked when the job file was read; gone or unreadable since
+            raise InputError(f"LoRA {path}: cannot be read ({error.strerror or error})") from None
+        packed[path] = (hashlib.sha256(data).hexdigest(), data)
+    return packed
+
+
+def lora_copy(folder: Path, path: str, digest: str, fetch: Callable[[], bytes]) -> str:
+    """A worker's copy of the LoRA file a request names as `path`, written once per content (`fetch` gives the bytes
+    only when it is not written yet). It keeps the file's name, so a LoRA's errors name the person's file."""
+    home = folder / digest
+    target = home / Path(path).name
+    if target.is_file():
+        return str(target)
+    home.mkdir(parents=True, exist_ok=True)
+    known = next((f for f in home.iterdir() if not f.name.startswith(".")), None)
+    if known is not None:  # the same bytes under another name: a link, not a second copy
+        try:
+            os.link(known, target)
+            return str(target)
+        except OSError:  # a file system without hard links: write it again
+            pass
+    data = fetch()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise InputError(f"LoRA {Path(path).name}: the bytes that reached this worker are not the driver's file")
+    temp = home / f".{target.name}.tmp"
+    temp.write_bytes(data)
+    os.replace(temp, target)  # a worker killed mid-write leaves no half file under the name it reads
+    return str(target)

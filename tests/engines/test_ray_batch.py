@@ -1,21 +1,29 @@
-"""Batch rendering on a local Ray started by the test (num_cpus=2, the tiny SD 1.5): the same bytes as in-process for
-mixed jobs (boxes, a subject that travels to the workers, a learned relation), a bad line reported while the rest run,
-a worker killed mid-job replaced and its job retried, and a driver SIGKILLed mid-batch that resumes."""
+"""Batch rendering on a local Ray started once for the module (num_cpus=2, the tiny SD 1.5): the same bytes as
+in-process for mixed jobs (boxes, a subject and a LoRA file that travel to the workers, a learned relation), a bad
+line reported while the rest run, a driver SIGKILLed mid-batch that resumes while a worker killed mid-job is replaced
+and its job retried, and the actor options on a pretend 4-GPU cluster. Each Ray test starts as few actor processes as
+its behaviour needs: every start imports torch and loads the model, which is most of these tests' time."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
 
-from engines.batch.render import FAULT_ENV
+from engines.batch import ray_pool
+from engines.batch.render import FAULT_ENV, lora_copy
 from engines.service import Studio
-from engines.types import InputError, ModelSpec
+from engines.types import GenerateRequest, InputError, ModelSpec
 from engines.types.batch import BatchOptions
 from studio.__main__ import main
 from tests.engines.test_batch import (
@@ -60,60 +68,87 @@ def studio(tiny_sd15_dir, tmp_path_factory) -> Studio:
     return made
 
 
-def test_mixed_jobs_on_two_workers_match_the_in_process_bytes(studio, tiny_sd15_dir, cluster, tmp_path, capsys):
+def style_lora(studio: Studio, path: Path) -> str:
+    """A person's LoRA file (peft's key format) with random weights on the cross-attention's values."""
+    generator, weights = torch.Generator().manual_seed(3), {}
+    for name, module in studio.bundle.pipe.unet.named_modules():
+        if name.endswith("attn2.to_v"):
+            weights[f"unet.{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=generator) * 0.2
+            weights[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=generator) * 0.2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(path))
+    return str(path)
+
+
+def test_mixed_jobs_on_two_workers_match_the_in_process_bytes(studio, tiny_sd15_dir, cluster, tmp_path, capsys,
+                                                             monkeypatch):  # fmt: skip
+    """The LoRA file is renamed on the driver as soon as it is read: a worker that looked for it at the request's
+    path would fail the job; the PNGs and the manifest still name the person's path."""
     jobs = mixed_jobs(tmp_path / "jobs.jsonl")
+    lora = style_lora(studio, tmp_path / "mine" / "style.safetensors")
+    with jobs.open("a") as file:
+        file.write(json.dumps({"prompt": "a photo of dog", "steps": 2, "seed": 3, "loras": [{"path": lora}]}) + "\n")
     here = studio.run_batch(studio.read_jobs(jobs), BatchOptions(str(tmp_path / "here")))
-    assert here.rendered == 6
+    assert here.rendered == 7
+    plain = studio.generate(GenerateRequest("a photo of dog", steps=2, seed=3)).images[0]
+    [styled] = [r["files"][0] for r in manifest_lines(tmp_path / "here") if r["request"].get("loras")]
+    assert (
+        Image.open(tmp_path / "here" / styled).tobytes() != plain.tobytes()
+    )  # the LoRA changes the picture: a worker cannot skip it
+    read = ray_pool.pack_loras
+
+    def read_then_move(pending):
+        packed = read(pending)
+        Path(lora).rename(tmp_path / "moved.safetensors")
+        return packed
+
+    monkeypatch.setattr(ray_pool, "pack_loras", read_then_move)
     code = main(batch_args(tiny_sd15_dir, studio, jobs, tmp_path / "ray", "--ray", cluster, "--workers", "2"))
     assert code == 1  # the bad line: reported by number, and the rest ran
     assert f"line {BAD_LINE}: steps must be an integer" in capsys.readouterr().err
-    assert pngs(tmp_path / "ray") == pngs(tmp_path / "here") and len(pngs(tmp_path / "ray")) == 6
+    assert not Path(lora).exists()
+    assert pngs(tmp_path / "ray") == pngs(tmp_path / "here") and len(pngs(tmp_path / "ray")) == 7
     records = manifest_lines(tmp_path / "ray")
-    assert len(records) == 6 and {r["status"] for r in records} == {"ok"}
+    assert len(records) == 7 and {r["status"] for r in records} == {"ok"}
     assert len({r["worker"] for r in records}) == 2  # both actors rendered
     assert all("in-process" not in r["worker"] for r in records)
+    [with_lora] = [r for r in records if r["request"].get("loras")]
+    assert with_lora["request"]["loras"] == [{"path": lora, "scale": 1.0}]
+    assert json.loads(Image.open(tmp_path / "ray" / with_lora["files"][0]).info["troupe"])["request"]["loras"][0][
+        "path"] == lora  # fmt: skip
 
 
-def test_a_worker_killed_mid_job_is_replaced_and_its_job_retried(studio, cluster, fault_marker, tmp_path):
-    (tmp_path / "jobs.jsonl").write_text(
-        "\n".join(json.dumps({"prompt": "a photo of dog", "steps": 3, "seed": s}) for s in range(3))
-    )
-    fault_marker.unlink()  # armed: the first job's worker dies at its first step
-    options = BatchOptions(str(tmp_path / "out"), ray=cluster, workers=1)
-    summary = studio.run_batch(studio.read_jobs(tmp_path / "jobs.jsonl"), options)
-    assert (summary.rendered, summary.failed) == (3, 0) and fault_marker.exists()
-    records = manifest_lines(tmp_path / "out")
-    retried = [r for r in records if r["attempts"] == 2]
-    assert len(retried) == 1 and retried[0]["errors"][0].startswith("worker lost")
-    assert retried[0]["worker"] != fault_marker.read_text()  # the one actor, restarted in a new process
-
-
-def test_a_driver_killed_mid_batch_resumes_on_the_cluster(studio, tiny_sd15_dir, cluster, tmp_path):
+def test_a_killed_driver_resumes_and_a_worker_killed_mid_job_is_replaced(studio, tiny_sd15_dir, cluster,
+                                                                        fault_marker, tmp_path):  # fmt: skip
+    """SIGKILL the driver after its first finished job; run the same command again with the fault armed, so the one
+    worker dies at the first step of its first job: Ray restarts it, the job is retried, and the batch ends with every
+    PNG byte for byte as in an uninterrupted run and each job once in the manifest."""
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("\n".join(json.dumps({"prompt": "a photo of cat", "steps": 3, "seed": s}) for s in range(8)))
+    jobs.write_text("\n".join(json.dumps({"prompt": "a photo of cat", "steps": 3, "seed": s}) for s in range(4)))
     whole = studio.run_batch(studio.read_jobs(jobs), BatchOptions(str(tmp_path / "whole")))
-    assert whole.rendered == 8
+    assert whole.rendered == 4
     out = tmp_path / "killed"
+    args = batch_args(tiny_sd15_dir, studio, jobs, out, "--ray", cluster, "--workers", "1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [
-        sys.executable,
-        "-m",
-        "studio",
-        *batch_args(tiny_sd15_dir, studio, jobs, out, "--ray", cluster, "--workers", "1"),
-    ]
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen([sys.executable, "-m", "studio", *args], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
-        if (out / "manifest.jsonl").is_file() and len((out / "manifest.jsonl").read_text().splitlines()) >= 2:
+        if (out / "manifest.jsonl").is_file() and (out / "manifest.jsonl").read_text().count("\n") >= 1:
             driver.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     assert driver.wait(60) == -signal.SIGKILL, "the driver finished before it could be killed"
-    assert len(manifest_lines(out)) < 8
-    assert main(batch_args(tiny_sd15_dir, studio, jobs, out, "--ray", cluster)) == 0
-    assert pngs(out) == pngs(tmp_path / "whole") and len(pngs(out)) == 8
-    keys = [r["key"] for r in manifest_lines(out)]
-    assert len(keys) == len(set(keys)) == 8
+    done_before = len(manifest_lines(out))
+    assert done_before < 4
+    fault_marker.unlink()  # armed: the rerun's worker dies at its first job's first step
+    assert main(args) == 0
+    assert fault_marker.exists()
+    assert pngs(out) == pngs(tmp_path / "whole") and len(pngs(out)) == 4
+    records = manifest_lines(out)
+    assert len({r["key"] for r in records}) == len(records) == 4
+    retried = [r for r in records[done_before:] if r["attempts"] == 2]
+    assert len(retried) == 1 and retried[0]["errors"][0].startswith("worker lost")
+    assert retried[0]["worker"] != fault_marker.read_text()  # the one actor, restarted in a new process
 
 
 def test_workers_that_cannot_start_are_one_line_before_any_job(cluster, tmp_path):
@@ -125,3 +160,35 @@ def test_workers_that_cannot_start_are_one_line_before_any_job(cluster, tmp_path
     with pytest.raises(InputError, match=r"^the Ray workers could not start: model path .* does not exist"):
         studio.run_batch(jobs, BatchOptions(str(tmp_path / "out"), ray=cluster, workers=1))
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_lora_copies_are_written_once_per_content_and_keep_their_names(tmp_path):
+    fetched = []
+
+    def fetch() -> bytes:
+        fetched.append(1)
+        return b"weights"
+
+    digest = hashlib.sha256(b"weights").hexdigest()
+    first = lora_copy(tmp_path, "/home/me/loras/style.safetensors", digest, fetch)
+    again = lora_copy(tmp_path, "/home/me/loras/style.safetensors", digest, fetch)
+    renamed = lora_copy(tmp_path, "other/name.safetensors", digest, fetch)
+    assert first == again and Path(first).name == "style.safetensors" and Path(renamed).name == "name.safetensors"
+    assert Path(renamed).read_bytes() == b"weights" and len(fetched) == 1  # fetched and written once
+    with pytest.raises(InputError, match="^LoRA x.safetensors: the bytes that reached this worker are not"):
+        lora_copy(tmp_path, "x.safetensors", "0" * 64, fetch)
+
+
+def test_on_a_gpu_cluster_each_actor_takes_one_gpu_and_workers_default_to_the_gpu_count(monkeypatch):
+    """actor_plan on a pretend cluster of 4 GPUs and 32 CPUs (Ray's resource table, no CUDA needed): one GPU per actor
+    and the model on that GPU ("cuda" inside an actor is the one GPU Ray gave it), a CPU plan when the model is pinned
+    to the CPU, and more workers than GPUs refused."""
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 4.0, "CPU": 32.0})
+    count, resources, threads = ray_pool.actor_plan(ModelSpec("demo"), None)
+    assert (count, resources, threads) == (4, {"num_gpus": 1, "num_cpus": 1}, None)
+    assert ray_pool.actor_plan(ModelSpec("demo"), 2)[0] == 2
+    assert ray_pool.worker_spec(ModelSpec("demo", device="cuda:3"), resources).device == "cuda"
+    assert ray_pool.worker_spec(ModelSpec("demo"), resources).device == "auto"
+    assert ray_pool.actor_plan(ModelSpec("demo", device="cpu"), None) == (32, {"num_cpus": 1}, 1)
+    with pytest.raises(InputError, match="^--workers 5: the Ray cluster has 4 GPUs, one per worker$"):
+        ray_pool.actor_plan(ModelSpec("demo"), 5)
