@@ -153,7 +153,7 @@ def dispatch(actors: list, queue: deque, ledger, shipped: dict | None = None) ->
             raise RuntimeError("every Ray worker is gone")
         while queue and idle:
             actor, job = idle.pop(), queue.popleft()
-            loras = {lora.path: (shipped or {})[lora.path] for lora in job.request.loras}
+            loras = {lora.path: shipped[lora.path] for lora in job.request.loras if lora.path in (shipped or {})}
             running[actor.render.remote(job, loras)] = (actor, job)
         [ref], _ = ray.wait(list(running), num_returns=1)
         actor, job = running.pop(ref)

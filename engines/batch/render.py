@@ -159,8 +159,8 @@ def pack_loras(jobs: Iterable[BatchJob]) -> dict[str, tuple[str, bytes]]:
     for path in sorted({lora.path for job in jobs for lora in job.request.loras}):
         try:
             data = Path(path).expanduser().read_bytes()
-        except OSError as error:  # checked when the job file was read; gone or unreadable since
-            raise InputError(f"LoRA {path}: cannot be read ({error.strerror or error})") from None
+        except OSError:  # gone since the job file was checked: its jobs fail on the worker, naming it, and the rest run
+            continue
         packed[path] = (hashlib.sha256(data).hexdigest(), data)
     return packed
 

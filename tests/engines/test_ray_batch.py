@@ -21,10 +21,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from engines.batch import ray_pool
-from engines.batch.render import FAULT_ENV, lora_copy
+from engines.batch.render import FAULT_ENV, lora_copy, pack_loras
 from engines.service import Studio
-from engines.types import GenerateRequest, InputError, ModelSpec
-from engines.types.batch import BatchOptions
+from engines.types import GenerateRequest, InputError, LoraRef, ModelSpec
+from engines.types.batch import BatchJob, BatchOptions
 from studio.__main__ import main
 from tests.engines.test_batch import (
     BAD_LINE,
@@ -177,6 +177,11 @@ def test_lora_copies_are_written_once_per_content_and_keep_their_names(tmp_path)
     assert Path(renamed).read_bytes() == b"weights" and len(fetched) == 1  # fetched and written once
     with pytest.raises(InputError, match="^LoRA x.safetensors: the bytes that reached this worker are not"):
         lora_copy(tmp_path, "x.safetensors", "0" * 64, fetch)
+    (tmp_path / "kept.safetensors").write_bytes(b"weights")
+    loras = (LoraRef(str(tmp_path / "kept.safetensors")), LoraRef(str(tmp_path / "gone.safetensors"), 0.5))
+    job = BatchJob(1, "key", GenerateRequest("a photo of dog", seed=1, loras=loras))
+    # a file removed after the up-front check is not shipped: its jobs fail on the worker, naming it; the rest run
+    assert pack_loras([job, job]) == {str(tmp_path / "kept.safetensors"): (digest, b"weights")}
 
 
 def test_on_a_gpu_cluster_each_actor_takes_one_gpu_and_workers_default_to_the_gpu_count(monkeypatch):
