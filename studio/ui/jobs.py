@@ -7,7 +7,8 @@
   when the browser goes away.
 - `Sessions` keeps what cannot live in gr.State: cancel flags and, on a Space, every visitor's own library and
   outputs, removed when the browser tab closes or, for clients that never say goodbye (REST, gradio_client left
-  open), once the session has been idle for `idle_seconds` ($TROUPE_IDLE_MINUTES, 30 by default).
+  open), once the session has been idle for `idle_seconds` ($TROUPE_IDLE_MINUTES, 30 by default): a session with
+  a job in the queue or running is never idle, and its clock starts again when that job ends.
 - `on_gpu` wraps a GPU handler with ZeroGPU's `spaces.GPU` and a duration computed from the same inputs.
 """
 
@@ -160,6 +161,9 @@ class Sessions:
     studios: dict[str, Studio] = field(default_factory=dict)
     touched: dict[str, float] = field(default_factory=dict)  # session -> time.monotonic() of its last request
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # the sessions with a job waiting in or taken from the app's queue (build_ui reads Gradio's): a queued visitor
+    # makes no request while it waits, so without this its clock would run out in a long queue
+    queued: Callable[[], set[str]] = field(default=lambda: set())
 
     def __post_init__(self) -> None:
         if self.per_user_root is not None and self.idle_seconds:
@@ -214,9 +218,12 @@ class Sessions:
         folders of sessions this process does not know (left by an earlier run) that are as old; the forgotten ids."""
         if self.per_user_root is None or not self.idle_seconds:
             return []
-        now = time.monotonic()
+        now, queued = time.monotonic(), self.queued()
         with self.lock:
-            stale = [s for s, t in self.touched.items() if now - t > self.idle_seconds and not self._busy(s)]
+            for session in self.touched:
+                if session in queued or self._busy(session):
+                    self.touched[session] = now  # the idle clock starts again when its last job has ended
+            stale = [s for s, t in self.touched.items() if now - t > self.idle_seconds]
             known = {_folder_name(s) for s in self.touched if s not in stale}
         for session in stale:
             self.forget_session(session)
@@ -253,6 +260,19 @@ class Sessions:
             return int(self.studio.model_info().get("native_size") or fallback)
         except Exception:  # noqa: BLE001 - a size picker must not fail because the model is missing
             return fallback
+
+
+def queued_sessions(blocks: gr.Blocks) -> set[str]:
+    """The sessions whose events wait in `blocks`' queue or run now. Gradio has no public call for this, so it reads
+    the queue's own lists (copied first: the server's event loop changes them); if a Gradio release renames them,
+    the answer is empty and the sweeper falls back to the clock alone (restarted when a job of ours ends)."""
+    queue = getattr(blocks, "_queue", None)
+    try:
+        waiting = [e for line in list(queue.event_queue_per_concurrency_id.values()) for e in list(line.queue)]
+        running = [e for job in list(queue.active_jobs) if job for e in list(job)]
+    except (AttributeError, TypeError):
+        return set()
+    return {event.session_hash for event in waiting + running}
 
 
 def _modified(folder: Path) -> float:

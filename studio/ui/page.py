@@ -14,7 +14,7 @@ import gradio as gr
 
 from engines.types import InputError, ModelSpec, SubjectInfo
 from studio.ui.compose import ComposeTab
-from studio.ui.jobs import QUIET, GpuWrapper, Sessions, idle_seconds_from_env
+from studio.ui.jobs import QUIET, GpuWrapper, Sessions, idle_seconds_from_env, queued_sessions
 from studio.ui.relations import RelationsTab
 from studio.ui.settings import SettingsTab
 from studio.ui.subjects import SubjectsTab
@@ -90,6 +90,7 @@ def build_ui(
         subject_lists.refresh_after(demo.load)  # every page load: this session's subjects (a Space's are private)
         relation_lists.refresh_after(demo.load)  # and its relations
         demo.unload(sessions.forget)
+    sessions.queued = lambda: queued_sessions(demo)  # a visitor waiting in the queue is not idle
     demo.troupe_sessions = sessions  # who the app remembers: the load test checks that closed sessions are freed
     return demo
 
