@@ -7,7 +7,8 @@ A checkpoint is a folder holding two files:
     state.json         {"key", "token", "step", "param_groups", "optimizer_scalars", "grad_scaler", "extra"}
 
 Each file is written under a temporary name and moved into place with os.replace, so a reader sees an old file or a
-new one, never half of one. `key` says whose state it is (a registration request, a training recipe): a checkpoint
+new one, never half of one; both are written before either moves, so a full disk leaves the previous checkpoint
+whole and ends in one line (InputError) saying nothing was changed. `key` says whose state it is (a registration request, a training recipe): a checkpoint
 with another key is ignored rather than loaded into the wrong run. `token` is new on every save and written into
 both files, so a pair split by a crash between the two moves (new tensors, old JSON) is ignored too, as is a file
 that cannot be read. Nothing is unpickled: tensors come from safetensors, everything else from JSON.
@@ -27,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from engines.atomic import write_error
 from engines.faults import fault_point
 
 TENSORS = "state.safetensors"
@@ -79,10 +81,8 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict[str, dict[s
     return state
 
 
-def _move_into_place(path: Path, write) -> None:
-    part = path.with_name(path.name + ".part")
-    write(part)
-    os.replace(part, path)
+def _part(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,19 @@ class Checkpoint:
             "grad_scaler": scaler,
             "extra": extra or {},
         }
-        _move_into_place(folder / TENSORS, lambda part: save_file(tensors, str(part), metadata={"token": token}))
+        # both files are written in full before either moves in: a disk that fills up (the tensors are the big
+        # part) fails a write, and the previous checkpoint is still whole beside the removed parts
+        try:
+            save_file(tensors, str(_part(folder / TENSORS)), metadata={"token": token})
+            fault_point("checkpoint.save.writing")
+            _part(folder / META).write_text(json.dumps(meta, default=float))
+        except OSError as error:
+            for path in (folder / TENSORS, folder / META):
+                _part(path).unlink(missing_ok=True)
+            raise write_error("the training checkpoint", error) from None
+        os.replace(_part(folder / TENSORS), folder / TENSORS)
         fault_point("checkpoint.save.between")  # new tensors, old JSON: load() sees two tokens and starts over
-        _move_into_place(folder / META, lambda part: part.write_text(json.dumps(meta, default=float)))
+        os.replace(_part(folder / META), folder / META)
         fault_point("checkpoint.saved")
 
     def load(self, state: TrainingState) -> Restored | None:

@@ -113,3 +113,24 @@ def test_the_studio_serves_the_next_job_after_running_out_of_memory(studio, tmp_
                              overrides=TRAIN)  # fmt: skip
     assert [s.name for s in studio.subjects()] == ["ada"] and check_library(studio.library) == []
     assert len(studio.generate(request).images) == 1
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_last_one_and_is_one_line(tmp_path):
+    from engines.checkpoint import Checkpoint, TrainingState
+
+    layer = torch.nn.Linear(3, 2)
+    state = TrainingState({"layer": layer}, torch.optim.AdamW(layer.parameters()))
+    first = Checkpoint(tmp_path / "first", "run")  # the disk is full at the first save: no checkpoint yet
+    with faults.armed("checkpoint.save.writing:enospc"), pytest.raises(InputError) as error:
+        first.save(state, 1)
+    assert str(error.value) == "cannot save the training checkpoint: no space left on device — nothing was changed"
+    assert snapshot(tmp_path / "first") == {} and first.load(state) is None
+    later = Checkpoint(tmp_path / "later", "run")  # ... or at a later one: the last good checkpoint stays whole
+    later.save(state, 1)
+    kept, weights = snapshot(tmp_path / "later"), layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    with faults.armed("checkpoint.save.writing:enospc"), pytest.raises(InputError, match="nothing was changed"):
+        later.save(state, 2)  # the tensors' part was written in full when the disk filled up
+    assert snapshot(tmp_path / "later") == kept  # byte for byte, and no .part file left
+    assert later.load(state).step == 1 and torch.equal(layer.weight, weights)
