@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -38,7 +39,7 @@ class BatchWorker:
             import torch
 
             torch.set_num_threads(threads)
-        self.scratch = Path(tempfile.mkdtemp(prefix="troupe-worker-"))
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"troupe-worker-{os.getpid()}-"))  # the pid: whose folder it is
         self.studio = studio_class(spec, self.scratch / "library")
         unpack_library(self.studio, payload, self.scratch)
         self.studio.bundle  # noqa: B018 - load the model now, once, not inside the first job's time
@@ -46,6 +47,10 @@ class BatchWorker:
 
     def ready(self) -> str:
         return self.name
+
+    def close(self) -> None:
+        """Remove this actor's private folder (library, LoRA copies): ray.kill ends the process with no clean-up."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def render(self, job: BatchJob, loras: dict | None = None) -> JobOutcome:
         """One job; `loras` holds its LoRA files as the request's path → (sha256, object reference to the bytes)."""
@@ -132,6 +137,8 @@ def run_on_ray(studio, pending: list[BatchJob], ledger, options: BatchOptions) -
         shipped = {path: (digest, ray.put(data)) for path, (digest, data) in pack_loras(pending).items()}
         ledger.start()
         dispatch(actors, deque(pending), ledger, shipped)
+        # an actor that died mid-job took its folder's clean-up with it; a restarting one is waited for a minute at most
+        ray.wait([actor.close.remote() for actor in actors], num_returns=len(actors), timeout=60)
         for actor in actors:
             ray.kill(actor)
         return len(actors)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,6 +113,8 @@ def test_mixed_jobs_on_two_workers_match_the_in_process_bytes(studio, tiny_sd15_
     assert len(records) == 7 and {r["status"] for r in records} == {"ok"}
     assert len({r["worker"] for r in records}) == 2  # both actors rendered
     assert all("in-process" not in r["worker"] for r in records)
+    pids = {r["worker"].rsplit(":", 1)[1] for r in records}  # each actor removed its private folder at the end
+    assert not [f for pid in pids for f in Path(tempfile.gettempdir()).glob(f"troupe-worker-{pid}-*")]
     [with_lora] = [r for r in records if r["request"].get("loras")]
     assert with_lora["request"]["loras"] == [{"path": lora, "scale": 1.0}]
     assert json.loads(Image.open(tmp_path / "ray" / with_lora["files"][0]).info["troupe"])["request"]["loras"][0][
