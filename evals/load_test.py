@@ -188,12 +188,16 @@ def private_files(tmp: Path, session: str) -> list[str]:
     return [str(p) for folder in folders if folder.is_dir() for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
-def isolation(url: str, tmp: Path, cache: Path, visitors: list[Visitor], clients: list[Client]) -> dict:
-    """Every visitor against every other: API probes by name, file-route probes by path, and a symlink in the cache."""
+def isolation(url: str, tmp: Path, cache: Path, visitors: list[Visitor], clients: list[Client],
+              ring: bool = False) -> dict:  # fmt: skip
+    """Every visitor against others: API probes by name, file-route probes by path, and a symlink in the cache.
+    By name, each probes about three others (the probes queue like jobs); with `ring`, only the next one (every
+    visitor is still probed, and probes, by name), which is all a quick test can afford."""
     leaks: list[str] = []
     probes = 0
-    for client, visitor in zip(clients, visitors):
-        for other in visitors[:: max(1, len(visitors) // 3)]:  # three others at most: the probes queue like jobs
+    for index, (client, visitor) in enumerate(zip(clients, visitors)):
+        others = [visitors[(index + 1) % len(visitors)]] if ring else visitors[:: max(1, len(visitors) // 3)]
+        for other in others:
             if other is not visitor:
                 leaks += api_probes(client, f"v{other.index}")
                 probes += 4
