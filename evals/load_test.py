@@ -112,16 +112,20 @@ def work(client: Client, visitor: Visitor, photo: str, steps: int, preset: str) 
     visitor.files["export"] = value_of(timed(client, visitor, "export", name, api_name="/export_subject"))
 
 
-def run_visitors(url: str, count: int, photo: str, steps: int, preset: str) -> tuple[list[Visitor], list[Client]]:
-    """All visitors at once, one thread and one Client each; the Clients stay open (their sessions alive)."""
+def run_visitors(url: str, count: int, photo: str, steps: int, preset: str, leave: threading.Event | None = None,
+                 downloads: Path | None = None) -> tuple[list[Visitor], list[Client]]:  # fmt: skip
+    """All visitors at once, one thread and one Client each; the Clients stay open (their sessions alive). With
+    `leave`, the visitors stay present (a light request every PRESENT_EVERY_S) until it is set; results download
+    into `downloads` (the server's cache, so the file route's control can fetch them; default: Gradio's)."""
     visitors = [Visitor(i) for i in range(count)]
     clients: list[Client | None] = [None] * count
     finished = threading.Semaphore(0)
-    everyone = threading.Event()
+    everyone = leave or threading.Event()
+    where = {"download_files": str(downloads)} if downloads else {}
 
     def one(visitor: Visitor) -> None:
         try:
-            client = clients[visitor.index] = Client(url, verbose=False)
+            client = clients[visitor.index] = Client(url, verbose=False, **where)
             visitor.session = client.session_hash
             work(client, visitor, photo, steps, preset)
             finished.release()
@@ -136,9 +140,10 @@ def run_visitors(url: str, count: int, photo: str, steps: int, preset: str) -> t
         thread.start()
     for _ in threads:
         finished.acquire()
-    everyone.set()
-    for thread in threads:
-        thread.join()
+    if leave is None:
+        everyone.set()
+        for thread in threads:
+            thread.join()
     return visitors, [c for c in clients if c is not None]
 
 
@@ -194,15 +199,14 @@ def isolation(url: str, tmp: Path, cache: Path, visitors: list[Visitor], clients
     By name, each probes about three others (the probes queue like jobs); with `ring`, only the next one (every
     visitor is still probed, and probes, by name), which is all a quick test can afford."""
     leaks: list[str] = []
-    probes = 0
+    probes = own = 0
     for index, (client, visitor) in enumerate(zip(clients, visitors)):
         others = [visitors[(index + 1) % len(visitors)]] if ring else visitors[:: max(1, len(visitors) // 3)]
         for other in others:
             if other is not visitor:
                 leaks += api_probes(client, f"v{other.index}")
                 probes += 4
-        if f"v{visitor.index}" not in [s for s in list_subjects(client)]:
-            leaks.append(f"visitor {visitor.index} lost its own subject")
+        own += f"v{visitor.index}" in list_subjects(client)
     targets = [p for v in visitors for p in private_files(tmp, v.session)]
     link = cache / "troupe-load-test-link"
     if targets:
@@ -212,9 +216,10 @@ def isolation(url: str, tmp: Path, cache: Path, visitors: list[Visitor], clients
     made, file_leaks = file_probes(url, targets, cache)
     made_link, link_leaks = file_probes(url, [str(link)], cache) if targets else (0, [])
     link.unlink(missing_ok=True)
-    own = sum(1 for v in visitors for kind in ("image",) if _fetch(url, v.files.get(kind)))
+    served = sum(1 for v in visitors for kind in ("image",) if _fetch(url, v.files.get(kind)))
     return {"api_probes": probes, "file_probes": made + made_link, "cross_visitor_reads": len(leaks + file_leaks
-            + link_leaks), "leaks": leaks + file_leaks + link_leaks, "own_results_served": own}  # fmt: skip
+            + link_leaks), "leaks": leaks + file_leaks + link_leaks, "own_results_served": served,
+            "own_subjects_listed": own}  # fmt: skip
 
 
 def list_subjects(client: Client) -> list[str]:
@@ -233,9 +238,7 @@ def _fetch(url: str, path: str | None) -> bool:
 # ------------------------------------------------------------------------------------------------ session end
 def wait_until(check, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
+    while time.monotonic() < deadline and not check():
         time.sleep(0.1)
     return check()
 
@@ -309,10 +312,11 @@ def summary(visitors: list[Visitor], seconds: float) -> dict:
 def load_test(url: str, tmp: Path, cache: Path, visitors: int, photo: str, steps: int, preset: str,
               idle: float) -> dict:  # fmt: skip
     """The whole run against a served app whose temporary folder is `tmp` (Gradio's cache: `cache`)."""
-    started = time.perf_counter()
-    people, clients = run_visitors(url, visitors, photo, steps, preset)
+    started, leave = time.perf_counter(), threading.Event()
+    people, clients = run_visitors(url, visitors, photo, steps, preset, leave, cache)
     report = summary(people, time.perf_counter() - started)
     report["isolation"] = isolation(url, tmp, cache, people, clients)
+    leave.set()  # the probes took minutes: the visitors stayed present until now
     report["session_end"] = session_end(url, tmp, people, clients, idle)
     return report
 

@@ -57,6 +57,7 @@ def test_three_visitors_at_once_are_served_and_kept_apart(tiny_sd15_dir, tmp_pat
     assert probed["cross_visitor_reads"] == 0, probed["leaks"]
     assert probed["api_probes"] == 4 * VISITORS and probed["file_probes"] > 50  # each probes the next by name
     assert probed["own_results_served"] == VISITORS  # the route works: each visitor gets its own results
+    assert probed["own_subjects_listed"] == VISITORS  # and still lists its own subject
     ended = report["session_end"]
     assert ended["closed_sessions_cleaned"] and ended["rest_folders_made"] and ended["rest_folders_swept"]
     assert demo.troupe_sessions.studios == {} and demo.troupe_sessions.touched == {}  # memory freed too
