@@ -95,7 +95,6 @@ class BoxFitter:
         finally:
             hook.remove()
 
-
     def _stop_forward(self, *_) -> None:
         """Not while the guidance is suspended: the reference pass (engines/references.py) runs its own UNet forward
         from inside this one's pre-hook, through the same blocks, and must run to its end."""
