@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from engines.prompts import SUBJECT_PATTERN
+from engines.subject_files import read_safetensors
 from engines.types import InputError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # what A1111 embedding files are called
@@ -49,14 +50,7 @@ def read_embedding(path: Path) -> tuple[str, list[torch.Tensor]]:
                          "that can run code); use a .safetensors version of it")  # fmt: skip
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         raise InputError(f"embedding {path}: not an existing .safetensors file")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except Exception as error:  # safetensors raises its own error types for a file that is not one of its own
-        raise InputError(f"{path.name}: not a readable safetensors file ({type(error).__name__})") from None
+    metadata, tensors = read_safetensors(path)
     if TROUPE_SUBJECT_MARKS[0] in metadata or any(k.startswith(TROUPE_SUBJECT_MARKS[1]) for k in tensors):
         raise InputError(f"{path.name} is a Troupe subject, not an embedding: import it with "
                          f"python -m studio subjects import {path}")  # fmt: skip

@@ -236,18 +236,22 @@ def unpack_export(tensors: dict[str, torch.Tensor], where: str) -> dict[str, tor
     return out
 
 
-def read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, list, list]:
-    """An exported subject file checked whole: (subject.json, residuals or None, photos, masks). Every way a file can
-    be wrong — not safetensors, no or bad metadata, tensors missing, extra or of the wrong kind — is an InputError
-    naming the file; nothing is written."""
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a .safetensors file, or one InputError line naming it when it is not one."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as file:
-            header = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
+            return file.metadata() or {}, {key: file.get_tensor(key) for key in file.keys()}
     except Exception as error:  # safetensors raises its own error types for a file that is not one of its own
         raise InputError(f"{path.name}: not a readable safetensors file ({type(error).__name__})") from None
+
+
+def read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, list, list]:
+    """An exported subject file checked whole: (subject.json, residuals or None, photos, masks). Every way a file can
+    be wrong — not safetensors, no or bad metadata, tensors missing, extra or of the wrong kind — is an InputError
+    naming the file; nothing is written."""
+    header, tensors = read_safetensors(path)
     tensors = unpack_export(tensors, path.name)
     if EXPORT_KEY not in header:
         raise InputError(f"{path.name}: no Troupe subject metadata in this file")
