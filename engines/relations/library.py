@@ -26,10 +26,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engines.atomic import place_folder, remove_folder, sweep, write_error
+from engines.relations.lora_checks import check_relation_lora
 from engines.relations.presets import Relation
 from engines.types import InputError, RelationInfo
 from engines.types import check_relation_name as _check_name
-from engines.types.checks import require, reserved_name
+from engines.types.checks import finite, require, reserved_name, whole
+from engines.types.tables import FAMILIES
 
 
 def check_relation_name(name: str) -> str:
@@ -178,26 +180,32 @@ class RelationLibrary:
         return dest
 
     def import_file(self, path: str | Path, name: str | None = None) -> RelationInfo:
-        """A relation exported by Troupe (either format); the file is kept as it is, read through diffusers."""
+        """A relation exported by Troupe (either format); the file is kept as it is, read through diffusers. Its
+        card and its weights are checked first (lora_checks.py): what is taken in, a generation can merge."""
         path = Path(path).expanduser()
         try:
             with safe_open(str(path), "pt") as handle:
-                metadata, keys = handle.metadata() or {}, list(handle.keys())
+                keys = list(handle.keys())
+                info = _card_of(handle.metadata() or {}, keys, path.name)
+                check_relation_lora(handle, keys, info.rank, path.name)
         except (SafetensorError, OSError) as error:
             raise InputError(f"{path.name}: not a readable safetensors file ({error})") from None
-        if CARD_KEY not in metadata:
-            raise InputError(f"{path.name} is a LoRA, not a Troupe relation (it has no relation card): add it to a "
-                             "request's LoRAs instead")  # fmt: skip
-        if not any("lora" in k for k in keys):
-            raise InputError(f"{path.name}: holds no LoRA weights")
-        try:
-            card = json.loads(metadata[CARD_KEY])
-        except (json.JSONDecodeError, RecursionError):
-            raise InputError(f"{path.name}: its relation card is not valid JSON") from None
-        info = card_to_info(card, "", path.name)
         info = dataclasses.replace(info, name=check_relation_name(name or info.name))
         self.check_free(info.name)
         return self._place(info.name, lambda temp: shutil.copyfile(path, temp / LORA), info_to_card(info))
+
+
+def _card_of(metadata: dict, keys: list[str], where: str) -> RelationInfo:
+    if CARD_KEY not in metadata:
+        raise InputError(f"{where} is a LoRA, not a Troupe relation (it has no relation card): add it to a "
+                         "request's LoRAs instead")  # fmt: skip
+    if not any("lora" in k for k in keys):
+        raise InputError(f"{where}: holds no LoRA weights")
+    try:
+        card = json.loads(metadata[CARD_KEY])
+    except (json.JSONDecodeError, RecursionError):
+        raise InputError(f"{where}: its relation card is not valid JSON") from None
+    return card_to_info(card, "", where)
 
 
 def info_to_card(info: RelationInfo) -> dict:
@@ -218,7 +226,24 @@ def card_to_info(card: object, lora: str, where: str) -> RelationInfo:
     except (TypeError, ValueError) as error:
         raise InputError(f"{where}: bad relation card ({error})") from None
     check_relation_name(info.name)
+    _check_card_values(info, where)
     return info
+
+
+def _check_card_values(info: RelationInfo, where: str) -> None:
+    """The card's other fields as training writes them: the library and the UI show them, the rank sizes the LoRA."""
+    texts = (info.relation, info.fingerprint, info.created)
+    require(all(isinstance(t, str) and len(t) <= 200 for t in texts), f"{where}: relation, fingerprint and created "
+            "must be short strings")  # fmt: skip
+    require(info.family in FAMILIES, f"{where}: family must be one of {', '.join(FAMILIES)} (got {info.family!r})")
+    require(whole(info.rank, 1, 128), f"{where}: rank must be an integer in 1..128 (got {info.rank!r})")
+    require(whole(info.steps, 0, 10**6) and whole(info.examples, 0, 10**6), f"{where}: steps and examples must be "
+            "whole numbers ≥ 0")  # fmt: skip
+    require(finite(info.keypoint_weight) and 0 <= info.keypoint_weight <= 100, f"{where}: keypoint weight must be a "
+            "number in 0..100")  # fmt: skip
+    require(finite(info.seconds) and 0 <= info.seconds < 1e9, f"{where}: seconds must be a finite number ≥ 0")
+    require(all(finite(v) and abs(v) < 1e12 for v in info.loss_curve), f"{where}: the loss curve must hold finite "
+            "numbers")  # fmt: skip
 
 
 def as_relation(info: RelationInfo) -> Relation:

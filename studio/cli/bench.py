@@ -248,9 +248,21 @@ def _names(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     return default if text is None else tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """The numbers every bench uses, before any model loads: a bad one would otherwise stop it mid-run."""
+    from engines.types.checks import finite, require, whole
+
+    require(whole(args.steps, 1, 1000), f"bench: --steps must be an integer in 1..1000 (got {args.steps})")
+    require(finite(args.cfg) and 0 <= args.cfg <= 50, f"bench: --cfg must be a number in 0..50 (got {args.cfg})")
+    size_ok = args.size is None or whole(args.size, 64, 4096) and args.size % 8 == 0
+    require(size_ok, f"bench: --size must be a multiple of 8 in 64..4096 (got {args.size})")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_numbers(args)
     if args.speed:
         return run_speed(args)
+    reference_config(args)  # the reference options checked now, not after the layout and subject parts have run
     options, parts, studio = bench_options(args), bench_parts(args), studio_for(args)
     progress = partial(print_progress, unit="image")
     report = {}

@@ -69,9 +69,15 @@ def _interruptible():
 
 def run_dataset(args: argparse.Namespace) -> int:
     from engines.types import InputError
+    from engines.types.checks import finite, require, whole
 
     if args.objects < 1 or args.views < 2:
         raise InputError("a reference dataset needs at least 1 object and 2 views of each")
+    require(whole(args.seed, 0, 2**31 - 1), f"--seed must be an integer in 0..2^31-1 (got {args.seed})")
+    require(whole(args.steps, 1, 1000), f"--steps must be an integer in 1..1000 (got {args.steps})")
+    require(finite(args.cfg) and 0 <= args.cfg <= 50, f"--cfg must be a number in 0..50 (got {args.cfg})")
+    size_ok = args.size is None or whole(args.size, 64, 4096) and args.size % 8 == 0
+    require(size_ok, f"--size must be a multiple of 8 in 64..4096 (got {args.size})")
     if args.model != "demo":
         return _run_synthesis(args)
     from demo_world.reference_scenes import write_demo_dataset
@@ -112,6 +118,7 @@ def run_train(args: argparse.Namespace) -> int:
     from engines.reference_dataset import load_dataset
     from engines.reference_training import TrainSettings, train_adapter
 
+    _check_train_numbers(args)
     settings = TrainSettings(steps=args.steps, batch=args.batch, learning_rate=args.learning_rate, rank=args.rank,
                              save_every=args.save_every)  # fmt: skip
     dataset = load_dataset(args.dataset)
@@ -121,3 +128,16 @@ def run_train(args: argparse.Namespace) -> int:
         card = train_adapter(bundle, dataset, args.out, settings, print_progress, cancel, threads=args.threads)
     print(f"{args.out}: step {card['step']}, validation loss {card.get('validation_loss')}")
     return 0
+
+
+def _check_train_numbers(args: argparse.Namespace) -> None:
+    """Before the dataset and the model load: a bad number would stop the training at its first step instead."""
+    from engines.types.checks import finite, require, whole
+
+    for option in ("steps", "batch", "rank", "save_every"):
+        value = getattr(args, option)
+        require(whole(value, 1, 1_000_000), f"--{option.replace('_', '-')} must be an integer ≥ 1 (got {value})")
+    rate = args.learning_rate
+    require(finite(rate) and 0 < rate <= 1, f"--learning-rate must be a number in (0, 1] (got {rate})")
+    threads_ok = args.threads is None or whole(args.threads, 1, 1024)
+    require(threads_ok, f"--threads must be an integer in 1..1024 (got {args.threads})")

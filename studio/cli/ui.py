@@ -22,6 +22,10 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.types.checks import require, whole
+
+    # before the page is built: a port the server cannot open would end in Gradio's traceback, after all the work
+    require(whole(args.port, 1, 65535), f"--port must be an integer in 1..65535 (got {args.port})")
     from studio.ui import build_ui, make_studio, serve
 
     studio = make_studio(args.model, args.library, args.vram)
