@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from engines.types import GuidanceConfig, Layout
+from kernels import bounded_self_attention
 from kernels.maps import BACKGROUND, ResolutionMaps
 
 
@@ -101,12 +102,13 @@ def token_weight_matrix(
     return weights
 
 
-def self_attention_blocks(owner: torch.Tensor) -> torch.Tensor:
+def self_attention_blocks(owner: torch.Tensor) -> torch.Tensor | None:
     """Bounded Attention's self-attention bound: a cell of one region may not attend to a cell of another
-    region; background cells attend to and are attended by everything. owner is (HW,); returns (HW, HW) bool."""
-    in_region = owner != BACKGROUND
-    different = owner[:, None] != owner[None, :]
-    return different & in_region[:, None] & in_region[None, :]
+    region; background cells attend to and are attended by everything. owner is (HW,); returns (HW, HW) bool, or
+    None above PRECOMPUTED_MAX_CELLS cells, where the processors build it per query chunk from the owner ids."""
+    if owner.numel() > bounded_self_attention.PRECOMPUTED_MAX_CELLS:
+        return None
+    return bounded_self_attention.blocked_cells(owner, owner)  # (HW, HW)
 
 
 def build_maps(
@@ -125,7 +127,9 @@ def build_maps(
         fit_weights = visible / visible.amax(dim=-1, keepdim=True).clamp(min=1e-8)  # engines/box_fitting.py
         blocked = self_attention_blocks(owner) if config.bound_self_attention else None
         weights = token_weight_matrix(owner, region_positions, num_tokens, config)
-        maps[height * width] = ResolutionMaps(height, width, owner, fit_weights, weights, blocked)
+        maps[height * width] = ResolutionMaps(
+            height, width, owner, fit_weights, weights, blocked, bound_self=config.bound_self_attention
+        )
     return maps
 
 

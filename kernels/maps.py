@@ -21,4 +21,8 @@ class ResolutionMaps:
     owner: torch.Tensor  # (HW,) long: index of the region owning each cell, or BACKGROUND
     fit_weights: torch.Tensor  # (R, HW) float: box fitting's w, each cell's visible area over the best cell's
     token_weights: torch.Tensor  # (HW, T) float: M of Cones 2 Eq. 7 for the region tokens, 0 for every other token
-    self_blocked: torch.Tensor | None  # (HW, HW) bool: query cell may not attend to key cell (different regions)
+    # (HW, HW) bool: query cell may not attend to key cell (different regions); None when the bound is off, or when
+    # HW > kernels.bounded_self_attention.PRECOMPUTED_MAX_CELLS (an (HW, HW) bool is 268 MB at 128²): then the
+    # processors build it per query chunk from `owner`
+    self_blocked: torch.Tensor | None
+    bound_self: bool = False  # Bounded Attention's self bound is on (also where self_blocked is None for size)

@@ -5,7 +5,8 @@ per-cell, per-token weights of engines/layout.py — only on the rows of the con
 the fused SDPA kernel as its additive mask, so no attention map is materialised, and std(QKᵀ) comes from two
 contractions of Q and K (exact, O(T·d²) instead of an N×T score matrix), over the K = H·N·T scores of a row:
     Σ s = Σ_h (Σ_n q_n)·(Σ_t k_t),   Σ s² = Σ_h Σ_t k_tᵀ (QᵀQ) k_t,   K·var = Σ s² − (Σ s)²/K.
-Self-attention (optional): cells of different regions may not attend to each other (hard mask).
+Self-attention (optional): cells of different regions may not attend to each other (hard mask); above
+PRECOMPUTED_MAX_CELLS cells the bound is built per query chunk from the owner ids (kernels/bounded_self_attention.py).
 While an AttentionRecord captures (box fitting, engines/box_fitting.py), cross-attention also keeps its attention
 probabilities *without* the bias, with their autograd graph: they say where the model is drawing each region's object.
 Whenever there is nothing to add, the processor hands the call to the processor it replaced, so unguided steps
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels import bounded_self_attention as bounded
 from kernels.attention_record import AttentionRecord, attention_probabilities, split_heads
 from kernels.maps import HARD_MASK, ResolutionMaps
 
@@ -38,6 +40,7 @@ class RequestTensors:
     soft: torch.Tensor  # (1, N, T) fp32: M where it is not a hard mask, 0 elsewhere
     hard: dict[int, torch.Tensor]  # B → (B, 1, N, T) fp32: HARD_MASK where M is one, on the conditional rows only
     self_bias: dict[int, torch.Tensor]  # B → (B, 1, N, N) in the attention dtype: the self bound, conditional rows
+    self_owner: torch.Tensor | None = None  # (N,) long: the bound's owner ids, where N is too large for self_bias
 
 
 @dataclass
@@ -80,11 +83,18 @@ class GuidanceState:
         is_hard = weights <= HARD_MASK  # a weight this negative masks at any η the schedule gives
         hard = torch.where(is_hard, HARD_MASK, 0.0)  # (N, T)
         rows = {b: indicator[:, None, None, None] for b, indicator in self.row_indicators.items()}  # (B, 1, 1, 1)
-        blocked = None if maps.self_blocked is None else torch.where(maps.self_blocked.to(device), HARD_MASK, 0.0)
+        bounding = maps.bound_self or maps.self_blocked is not None
+        large = maps.owner.numel() > bounded.PRECOMPUTED_MAX_CELLS  # no (N, N) tensor: chunks at call time
+        blocked = None
+        if bounding and not large:
+            cells = maps.self_blocked
+            cells = bounded.blocked_cells(maps.owner, maps.owner) if cells is None else cells  # (N, N) bool
+            blocked = torch.where(cells.to(device), HARD_MASK, 0.0)  # (N, N)
         return RequestTensors(
             soft=torch.where(is_hard, 0.0, weights)[None],
             hard={b: (row * hard).contiguous() for b, row in rows.items()},
             self_bias={} if blocked is None else {b: (row * blocked).to(dtype) for b, row in rows.items()},
+            self_owner=maps.owner.to(device) if bounding and large else None,
         )
 
 
@@ -124,7 +134,7 @@ class RegionAttnProcessor:
         if self.is_cross and (encoder_hidden_states is None or attn.norm_cross):
             return False
         tensors = state.tensors.get(hidden_states.shape[1])
-        return tensors is not None and (self.is_cross or bool(tensors.self_bias))
+        return tensors is not None and (self.is_cross or bool(tensors.self_bias) or tensors.self_owner is not None)
 
     def _guided(self, attn, hidden_states, encoder_hidden_states, tensors: RequestTensors) -> torch.Tensor:
         batch, queries, _ = hidden_states.shape  # (B, N, C)
@@ -136,16 +146,25 @@ class RegionAttnProcessor:
             query, key = attn.norm_q(query), attn.norm_k(key)
         if self.is_cross and self.state.record.capturing:  # only box fitting reads them (a matmul and a softmax)
             self.state.record.add(attention_probabilities(query, key), self.state.maps[queries])
+        out = self._attend(query, key, value, tensors)  # (B, H, N, d)
+        out = out.transpose(1, 2).reshape(batch, queries, -1).to(query.dtype)  # (B, N, H·d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+    def _attend(self, query, key, value, tensors: RequestTensors) -> torch.Tensor:
+        """SDPA with this layer's bias: none while not guiding, Eq. 7 for cross-attention, the self bound
+        precomputed — or, for a layer too large for an (N, N) bias, built per query chunk. (B, H, N, d)."""
+        batch = query.shape[0]
         if not self.state.guiding:
             bias = None
         elif self.is_cross:
             bias = self._cross_bias(query, key, tensors)
+        elif tensors.self_owner is not None:
+            rows = self.state.row_indicators[batch]  # (B,): the bound applies to the conditional rows only
+            return bounded.bounded_self_attention(query, key, value, tensors.self_owner, rows)
         else:
             bias = tensors.self_bias[batch]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)  # (B, H, N, d)
-        out = out.transpose(1, 2).reshape(batch, queries, -1).to(query.dtype)  # (B, N, H·d)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out / attn.rescale_output_factor
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
 
     def _cross_bias(self, query: torch.Tensor, key: torch.Tensor, tensors: RequestTensors) -> torch.Tensor:
         """(QKᵀ + η·M)·s = QKᵀ·s + (η·s)·M: the Eq. 7 bias in SDPA's post-scale units, η = time factor · std(QKᵀ).
