@@ -19,7 +19,9 @@ import torch
 
 from engines import metadata
 from engines.box_fitting import BoxFitter
+from engines.cancel_points import block_modules, cancel_points
 from engines.collage import compose_collage
+from engines.compiled_unet import CompiledForward
 from engines.image_guidance import ImageGuidance
 from engines.layout import build_maps, guidance_scale_at
 from engines.models import ModelBundle
@@ -67,6 +69,7 @@ class Generator:
             self._scheduler(request.scheduler),
             self._layout_guidance(request, prepared.parsed, width, height, prepared.num_tokens) as state,
             self._references(request, subjects, use_references, (width, height), seeds[0], state),
+            cancel_points(self._cancel_modules(), cancel),  # Stop inside a step too: engines/cancel_points.py
         ):
             fitter = self._box_fitter(request, prepared.parsed, state)
             pipe, start = self._start(request, subjects, width, height)
@@ -197,6 +200,10 @@ class Generator:
         images = ImageGuidance(pipe.unet, request.references, request.cfg, request.num_images, passes.state)
         with passes, images if guided else nullcontext():
             yield passes
+
+    def _cancel_modules(self) -> list[torch.nn.Module]:
+        pipe = self.bundle.pipe
+        return block_modules(pipe, compiled=isinstance(pipe.unet.forward, CompiledForward))
 
     def _box_fitter(self, request: GenerateRequest, parsed: ParsedPrompt, state: GuidanceState | None):
         if state is None or request.guidance.fit_iterations == 0:
