@@ -13,6 +13,7 @@ from engines.types import (
     GenerateRequest,
     GenerateResult,
     InputError,
+    JobCap,
     Layout,
     LoraRef,
     ModelSpec,
@@ -80,6 +81,9 @@ class Studio:
         # A request's LoRA path → where this studio reads that file instead. Set only on a Ray batch worker, whose
         # copies of the driver's files live in a private folder: the request, and so the PNG, keeps the person's path.
         self.lora_copies: dict[str, str] = {}
+        # What one job may cost when many people share this studio's queue (a Space): engines/job_cost.py. None on a
+        # desktop, whose owner may ask for anything the request limits allow.
+        self.job_cap: JobCap | None = None
 
     # Model ----------------------------------------------------------------------------------------------------
     @property
@@ -94,8 +98,9 @@ class Studio:
     def with_library(self, library_dir: Path | str) -> Studio:
         """A view with its own subject library (one per visitor of a Space) that shares this studio's model and
         GPU lock. The model is loaded first, so every view uses the same one."""
-        with self._gpu:
-            self.bundle  # noqa: B018 - load once, before the views share it
+        if self._bundle is None:  # loaded: no need to wait for a running job's lock
+            with self._gpu:
+                self.bundle  # noqa: B018 - load once, before the views share it
         view = copy.copy(self)
         view.library_dir, view._library = Path(library_dir).expanduser(), None
         return view
@@ -122,7 +127,8 @@ class Studio:
     def with_default_fit(self, request: GenerateRequest) -> GenerateRequest:
         """`request` with the box fitting this model's family uses when boxes are drawn and none was chosen (the UI's
         and the CLI's "auto"; engines.types.DEFAULT_BOX_FIT). Loads the model to know its family."""
-        guidance = with_default_fit(request.guidance, request.layout, self.bundle.family)
+        bundle = self._bundle if self._bundle is not None else self.bundle  # loaded: no wait for a running job's lock
+        guidance = with_default_fit(request.guidance, request.layout, bundle.family)
         return request if guidance == request.guidance else dataclasses.replace(request, guidance=guidance)
 
     # Generation -----------------------------------------------------------------------------------------------
@@ -139,10 +145,20 @@ class Studio:
 
         with self._gpu, out_of_memory("generating"):
             bundle = self.bundle
+            self.check_cost(request)  # before any work: one line
             subjects = gather_subjects(request.prompt, self.library, bundle.family, bundle.fingerprint)
             loras = lora_updates(bundle, self.request_loras(request))  # every file checked before any work
             with applied(bundle, loras):  # and taken out again afterwards, bit for bit
                 return Generator(bundle)(request, subjects, on_steps("generate.step", on_progress), cancel)
+
+    def check_cost(self, request: GenerateRequest) -> None:
+        """Refuse, in one line, a generation above this studio's cap (a shared studio's: engines/job_cost.py). Never
+        waits for a running job: a Space asks this when a job is submitted, before it joins the queue."""
+        bundle = self._bundle
+        if self.job_cap is not None and bundle is not None:
+            from engines.job_cost import check_generation
+
+            check_generation(request, bundle.native_size, self.job_cap)
 
     def request_loras(self, request: GenerateRequest) -> list[LoraRef]:
         """The person's LoRAs, then the relation's own at the relation's scale (a preset without one adds none)."""
@@ -274,6 +290,10 @@ class Studio:
         from engines.relations.examples import read_examples
         from engines.relations.training import teach_relation
 
+        if self.job_cap is not None:
+            from engines.job_cost import check_relation_training
+
+            check_relation_training(request, self.job_cap)
         self.relation_library.check_free(request.name)
         examples = read_examples(request.exemplars, request.name)  # every check before the model loads
         with self._gpu, out_of_memory("teaching a relation"):

@@ -52,7 +52,19 @@ from engines.types.subjects import (
     SubjectInfo,
     check_subject_name,
 )
-from engines.types.tables import DEVICES, DTYPES, FAMILIES, LIMITS, OFFLOADS, QUANTIZATIONS, SCHEDULERS, Limits, Sampler
+from engines.types.tables import (
+    DEVICES,
+    DTYPES,
+    FAMILIES,
+    JOB_CAPS,
+    LIMITS,
+    OFFLOADS,
+    QUANTIZATIONS,
+    SCHEDULERS,
+    JobCap,
+    Limits,
+    Sampler,
+)
 
 __all__ = [
     "EXAMPLES_FILE",
@@ -89,6 +101,8 @@ __all__ = [
     "GuidanceConfig",
     "GuidanceMode",
     "InputError",
+    "JOB_CAPS",
+    "JobCap",
     "LIMITS",
     "Layout",
     "Limits",

@@ -32,6 +32,27 @@ LIMITS = Limits()
 
 
 @dataclass(frozen=True)
+class JobCap:
+    """What one visitor's job may cost where many share one GPU queue (a Space, a shared link): one visitor must not
+    hold the app for everyone (issue 20: 8 images of 512² at 150 steps kept another visitor's 0.4 s job waiting
+    65 s). engines/job_cost.py checks a request against it before any work; the UI's sliders stop at it."""
+
+    work: float  # image-steps at the model's native size (engines/job_cost.py counts fitting and references in)
+    area: float  # the largest image, in multiples of the model's native area (4: twice the native side)
+    steps: int
+    images: int
+    relation_steps: int  # training steps of one relation
+    jobs_per_visitor: int  # GPU jobs one visitor may have waiting or running at once
+
+
+# "shared": 40 steps of 4 native-size images, or one image of twice the side; 1000 relation steps is the UI
+# slider's top; one job at a time keeps the queue fair (a second click waits for the first's result anyway).
+JOB_CAPS: dict[str, JobCap] = {
+    "shared": JobCap(work=160.0, area=4.0, steps=50, images=4, relation_steps=1000, jobs_per_visitor=1),
+}
+
+
+@dataclass(frozen=True)
 class Quantization:
     """How a model's weights are quantized on load (engines/models.py), through diffusers' quantization configs."""
 

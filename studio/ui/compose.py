@@ -30,7 +30,7 @@ from studio.ui.canvas import (
 )
 from studio.ui.forms import GenerateForm, form_handler, parse_size, size_choices, with_choice
 from studio.ui.image_settings import generate_seconds, settings_card
-from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu, stream
+from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, gpu_gate, guarded, on_gpu, stream
 from studio.ui.loras import check_uploaded, wire_lora_card
 from studio.ui.references import references_card, widened
 from studio.ui.views import idle_html, is_learned, progress_html, relation_choices, subject_labels
@@ -52,7 +52,7 @@ class ComposeTab:
                 with gr.Column(scale=6, min_width=480):
                     self._relation_card(sessions.studio.relations())
                     self._canvas_card(native, subjects)
-                    self.lora_widgets = settings_card(self.form, native)
+                    self.lora_widgets = settings_card(self.form, native, sessions.studio.job_cap)
                     references_card(self.form)
                 with gr.Column(scale=5, min_width=380):
                     self._prompt_column()
@@ -187,25 +187,13 @@ class ComposeTab:
 
     def _wire_generation(self) -> None:
         inputs = GenerateForm.widgets_in_order(self.form)
-        generate = on_gpu(self.gpu, form_handler(GenerateForm, guarded(self.generate)), generate_seconds)
-        self.generate_btn.click(
-            generate,
-            inputs,
-            [self.status, self.results],
-            api_name="generate",
-            show_progress="minimal",
-            show_progress_on=self.status,
-            **ON_GPU,
-        )
-        self.form["prompt"].submit(
-            generate,
-            inputs,
-            [self.status, self.results],
-            api_visibility="undocumented",
-            show_progress="minimal",
-            show_progress_on=self.status,
-            **ON_GPU,
-        )
+        handler = form_handler(GenerateForm, guarded(self.generate))
+        generate = on_gpu(self.gpu, handler, generate_seconds)
+        gate = gpu_gate(self.sessions, handler, form_handler(GenerateForm, self.cost_problem))
+        for trigger, api in ((self.generate_btn.click, {"api_name": "generate"}),
+                             (self.form["prompt"].submit, {"api_visibility": "undocumented"})):  # fmt: skip
+            trigger(generate, inputs, [self.status, self.results], show_progress="minimal",
+                    show_progress_on=self.status, validator=gate, **api, **ON_GPU)  # fmt: skip
         self.stop_btn.click(self.stop, None, None, queue=False, api_name="stop", show_progress="hidden")
         self.results.select(self.result_selected, None, self.selected_result, **QUIET)
         wire_lora_card(self.form["loras"], self.lora_widgets, QUIET)
@@ -300,6 +288,20 @@ class ComposeTab:
                     yield self.finished(item, self.sessions.outputs(request))
         except Cancelled:
             yield idle_html("Stopped — nothing was changed."), gr.skip()
+
+    def cost_problem(self, form: GenerateForm, request: gr.Request) -> str | None:
+        """Why a shared studio would refuse this job (its cost cap), asked before the job joins the queue; a form
+        with bad input passes here, and the job says what is wrong with it."""
+        studio = self.sessions.studio_for(request)
+        try:
+            wanted = self.requested(form, studio, request)
+        except InputError:
+            return None
+        try:
+            studio.check_cost(wanted)
+        except InputError as error:
+            return str(error)
+        return None
 
     def requested(self, form: GenerateForm, studio: Studio, request: gr.Request) -> GenerateRequest:
         """The form as a request; box fitting "auto" becomes the loaded model family's choice, so the image and a

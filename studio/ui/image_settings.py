@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from engines.types import BOX_FITS, DEFAULT_BOX_FIT, LIMITS, SCHEDULERS
+from engines.types import BOX_FITS, DEFAULT_BOX_FIT, LIMITS, SCHEDULERS, JobCap
 from studio.ui.forms import GenerateForm, size_choices
 from studio.ui.loras import lora_card
 from studio.ui.references import reference_cost
@@ -27,10 +27,11 @@ def generate_seconds(request: Any, *values: Any) -> float:
     return min(120.0, 10.0 + 0.6 * work)
 
 
-def settings_card(form: dict[str, Any], native: int) -> dict[str, Any]:
+def settings_card(form: dict[str, Any], native: int, cap: JobCap | None = None) -> dict[str, Any]:
     """Add the card's widgets to `form` (the tab's widgets keyed by GenerateForm's field names); returns the LoRA
-    list's own buttons (studio/ui/loras.py), which the tab wires."""
+    list's own buttons (studio/ui/loras.py), which the tab wires. A shared studio's `cap` tops the sliders."""
     defaults = GenerateForm()
+    max_steps, max_images = (cap.steps, cap.images) if cap else (LIMITS.steps, LIMITS.images)
     with gr.Accordion("Settings for this image", open=True, elem_classes="tr-card"):
         with gr.Row():
             form["seed"] = gr.Number(value=defaults.seed, precision=0, label="Seed", elem_id="seed", minimum=0)
@@ -39,7 +40,7 @@ def settings_card(form: dict[str, Any], native: int) -> dict[str, Any]:
                 size_choices(native), value=defaults.size, label="Size", elem_id="size", allow_custom_value=True
             )
         with gr.Row():
-            form["steps"] = gr.Slider(1, LIMITS.steps, value=defaults.steps, step=1, label="Steps", elem_id="steps")
+            form["steps"] = gr.Slider(1, max_steps, value=defaults.steps, step=1, label="Steps", elem_id="steps")
             form["cfg"] = gr.Slider(0, LIMITS.cfg, value=defaults.cfg, step=0.5, label="CFG", elem_id="cfg")
         with gr.Row():
             form["sampler"] = gr.Dropdown(
@@ -50,7 +51,7 @@ def settings_card(form: dict[str, Any], native: int) -> dict[str, Any]:
                 info="A1111's names; Default: the model's own",
             )
             form["images"] = gr.Slider(
-                1, LIMITS.images, value=defaults.images, step=1, label="Images", elem_id="num-images"
+                1, max_images, value=defaults.images, step=1, label="Images", elem_id="num-images"
             )
             form["layout_strength"] = gr.Slider(
                 0,

@@ -8,7 +8,8 @@
 - `Sessions` keeps what cannot live in gr.State: cancel flags and, on a Space, every visitor's own library and
   outputs, removed when the browser tab closes or, for clients that never say goodbye (REST, gradio_client left
   open), once the session has been idle for `idle_seconds` ($TROUPE_IDLE_MINUTES, 30 by default): a session with
-  a job in the queue or running is never idle, and its clock starts again when that job ends.
+  a tab open (studio/ui/open_tabs.py) or a job in the queue or running is never idle, and its clock starts again
+  when the tab closes or the job ends.
 - `on_gpu` wraps a GPU handler with ZeroGPU's `spaces.GPU` and a duration computed from the same inputs.
 """
 
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from engines.types import InputError, StepProgress, SubjectInfo
+from studio.ui.open_tabs import TabCount
 
 if TYPE_CHECKING:
     from engines.service import Studio
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # (handler, seconds(*handler args)) -> the handler run on a GPU: spaces.GPU(duration=seconds) on a ZeroGPU Space
 GpuWrapper = Callable[[Callable, Callable[..., float]], Callable]
-ON_GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}  # generate, register and load share one GPU queue
+GPU_QUEUE = "gpu"
+ON_GPU = {"concurrency_id": GPU_QUEUE, "concurrency_limit": 1}  # generate, register and load share one GPU queue
 QUIET = {"api_visibility": "undocumented", "show_progress": "hidden"}  # events that are UI plumbing, not the API
 Work = Callable[[Callable[[StepProgress], None], threading.Event], Any]  # work(on_progress, cancel) -> result
 
@@ -161,9 +164,10 @@ class Sessions:
     studios: dict[str, Studio] = field(default_factory=dict)
     touched: dict[str, float] = field(default_factory=dict)  # session -> time.monotonic() of its last request
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # the sessions with a job waiting in or taken from the app's queue (build_ui reads Gradio's): a queued visitor
-    # makes no request while it waits, so without this its clock would run out in a long queue
-    queued: Callable[[], set[str]] = field(default=lambda: set())
+    # the events waiting in or taken from the app's queue (build_ui reads Gradio's): a queued visitor makes no request
+    # while it waits, so without this its clock would run out in a long queue; and it is how many jobs a visitor has
+    queue_events: Callable[[], list] = field(default=lambda: [])
+    tabs: TabCount = field(default_factory=TabCount)  # sessions with a browser tab open (studio/ui/open_tabs.py)
 
     def __post_init__(self) -> None:
         if self.per_user_root is not None and self.idle_seconds:
@@ -218,11 +222,11 @@ class Sessions:
         folders of sessions this process does not know (left by an earlier run) that are as old; the forgotten ids."""
         if self.per_user_root is None or not self.idle_seconds:
             return []
-        now, queued = time.monotonic(), self.queued()
+        now, present = time.monotonic(), {e.session_hash for e in self.queue_events()} | self.tabs.open_sessions()
         with self.lock:
             for session in self.touched:
-                if session in queued or self._busy(session):
-                    self.touched[session] = now  # the idle clock starts again when its last job has ended
+                if session in present or self._busy(session):  # open in a tab, queued, or its job running
+                    self.touched[session] = now  # the idle clock starts again when the tab closes or the job ends
             stale = [s for s, t in self.touched.items() if now - t > self.idle_seconds]
             known = {_folder_name(s) for s in self.touched if s not in stale}
         for session in stale:
@@ -233,6 +237,20 @@ class Sessions:
                 if folder.name not in known and _modified(folder) < cutoff:
                     shutil.rmtree(folder, ignore_errors=True)
         return stale
+
+    def queue_problem(self, request: gr.Request | None) -> str | None:
+        """Why this visitor may not add another GPU job now (a shared studio's JobCap.jobs_per_visitor), or None."""
+        cap = self.studio.job_cap
+        if cap is None:
+            return None
+        session = session_of(request)
+        jobs = sum(1 for e in self.queue_events() if e.session_hash == session and e.concurrency_id == GPU_QUEUE)
+        if jobs < cap.jobs_per_visitor:
+            return None
+        return (
+            f"you already have {jobs} job{'s' * (jobs > 1)} waiting or running, and this studio takes "
+            f"{cap.jobs_per_visitor} per visitor at a time: wait for it, or press Stop"
+        )
 
     def _busy(self, session: str) -> bool:
         """A job of the session still runs (stream() records its thread on the cancel flag)."""
@@ -262,17 +280,35 @@ class Sessions:
             return fallback
 
 
-def queued_sessions(blocks: gr.Blocks) -> set[str]:
-    """The sessions whose events wait in `blocks`' queue or run now. Gradio has no public call for this, so it reads
-    the queue's own lists (copied first: the server's event loop changes them); if a Gradio release renames them,
-    the answer is empty and the sweeper falls back to the clock alone (restarted when a job of ours ends)."""
+def queued_events(blocks: gr.Blocks) -> list:
+    """The events waiting in `blocks`' queue or running now (each has `session_hash` and `concurrency_id`). Gradio has
+    no public call for this, so it reads the queue's own lists (copied first: the server's event loop changes them);
+    if a Gradio release renames them, the answer is empty: the sweeper falls back to the clock alone (restarted when
+    a job of ours ends), and the per-visitor limit to the cost cap and the button's one click at a time."""
     queue = getattr(blocks, "_queue", None)
     try:
         waiting = [e for line in list(queue.event_queue_per_concurrency_id.values()) for e in list(line.queue)]
         running = [e for job in list(queue.active_jobs) if job for e in list(job)]
     except (AttributeError, TypeError):
-        return set()
-    return {event.session_hash for event in waiting + running}
+        return []
+    return waiting + running
+
+
+def gpu_gate(sessions: Sessions, handler: Callable, check: Callable[..., str | None] | None = None) -> Callable:
+    """Gradio's validator for a GPU event whose handler takes `(request: gr.Request, *values)` (studio/ui/forms.py
+    form_handler): it runs when a job is submitted, before the job joins the queue, with the handler's arguments. It
+    refuses a visitor's job beyond the studio's per-visitor limit and, with `check`, a job that `check(request,
+    *values)` names a problem of (its cost), so a refused job never waits in the queue; the line is shown under the
+    first input (Gradio wants one verdict per input), and an API client gets it with HTTP 422."""
+    signature = inspect.signature(handler)  # the parameters' names, for the API; Gradio fills gr.Request by annotation
+    inputs = len(signature.parameters) - 1
+
+    def validator(request: gr.Request, *values: Any) -> list[dict]:
+        problem = sessions.queue_problem(request) or (check(request, *values) if check else None)
+        return [gr.validate(problem is None, problem or "")] + [gr.validate(True, "")] * (inputs - 1)
+
+    validator.__signature__ = signature  # type: ignore[attr-defined]
+    return validator
 
 
 def _modified(folder: Path) -> float:

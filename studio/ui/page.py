@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from engines.types import InputError, ModelSpec, SubjectInfo
+from engines.types import JOB_CAPS, InputError, JobCap, ModelSpec, SubjectInfo
 from studio.ui.compose import ComposeTab
-from studio.ui.jobs import QUIET, GpuWrapper, Sessions, idle_seconds_from_env, queued_sessions
+from studio.ui.jobs import QUIET, GpuWrapper, Sessions, idle_seconds_from_env, queued_events
+from studio.ui.open_tabs import OpenTabs
 from studio.ui.relations import RelationsTab
 from studio.ui.settings import SettingsTab
 from studio.ui.subjects import SubjectsTab
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from engines.service import Studio
 
 log = logging.getLogger(__name__)
+# Jobs waiting at once, for everyone: a client that makes a new session for every call is held back by this and by
+# the cost cap of one job, not by the per-visitor limit; past it, Gradio answers "queue is full" (HTTP 503)
+QUEUE_SIZE = 64
 STATIC = Path(__file__).resolve().parent / "static"
 
 
@@ -48,13 +52,16 @@ def build_ui(
     outputs_dir: str | Path | None = "outputs",
     title: str = "Troupe Studio",
     idle_seconds: float | None = None,
+    job_cap: JobCap | None = None,
 ) -> gr.Blocks:
     """The whole studio as a gr.Blocks. `per_user_library`: a root folder under which every browser session gets
     its own subject library (Spaces), removed when the tab closes or after `idle_seconds` without a request
     (default $TROUPE_IDLE_MINUTES, else 30 min). `gpu`: wraps the GPU handlers (spaces.GPU) with a duration from
-    the inputs."""
+    the inputs. `job_cap`: what one visitor's job may cost (JOB_CAPS["shared"] by default with per-user libraries,
+    none otherwise)."""
     if per_user_library and idle_seconds is None:
         idle_seconds = idle_seconds_from_env()
+    studio.job_cap = job_cap or studio.job_cap or (JOB_CAPS["shared"] if per_user_library else None)
     sessions = Sessions(
         studio,
         Path(per_user_library) if per_user_library else None,
@@ -90,7 +97,7 @@ def build_ui(
         subject_lists.refresh_after(demo.load)  # every page load: this session's subjects (a Space's are private)
         relation_lists.refresh_after(demo.load)  # and its relations
         demo.unload(sessions.forget)
-    sessions.queued = lambda: queued_sessions(demo)  # a visitor waiting in the queue is not idle
+    sessions.queue_events = lambda: queued_events(demo)  # a queued visitor is not idle; jobs per visitor
     demo.troupe_sessions = sessions  # who the app remembers: the load test checks that closed sessions are freed
     return demo
 
@@ -159,7 +166,15 @@ def make_studio(model: str, library: str | None = None, vram: str | None = None)
 def serve(
     demo: gr.Blocks, host: str | None = "127.0.0.1", port: int | None = 7860, share: bool = False, **kwargs: Any
 ) -> Any:
-    """One GPU job at a time across the app (plus the shared "gpu" queue for generate/register/load)."""
-    return demo.queue(default_concurrency_limit=1).launch(
+    """One GPU job at a time across the app (plus the shared "gpu" queue for generate/register/load), at most
+    QUEUE_SIZE jobs waiting; the middleware tells the idle sweeper which visitors have a tab open."""
+    sessions = getattr(demo, "troupe_sessions", None)
+    if sessions is not None:
+        from starlette.middleware import Middleware
+
+        app_kwargs = kwargs.pop("app_kwargs", None) or {}
+        middleware = [*app_kwargs.get("middleware", []), Middleware(OpenTabs, tabs=sessions.tabs)]
+        kwargs["app_kwargs"] = {**app_kwargs, "middleware": middleware}
+    return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE).launch(
         server_name=host, server_port=port, share=share, **launch_options(), **kwargs
     )

@@ -24,7 +24,7 @@ import gradio as gr
 
 from engines.types import KEYPOINT_SWITCHES, Cancelled, InputError, RelationInfo
 from studio.ui.forms import RelationForm, form_handler
-from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu, stream
+from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, gpu_gate, guarded, on_gpu, stream
 from studio.ui.relation_editor import ExampleEditor
 from studio.ui.relation_examples import discard
 from studio.ui.views import idle_html, progress_html
@@ -112,10 +112,11 @@ class RelationsTab:
 
     # ------------------------------------------------------------------------------------------ events
     def wire(self, library_changed: LibraryChanged) -> None:
-        teach = on_gpu(self.gpu, form_handler(RelationForm, guarded(self.teach)), teach_seconds)
+        handler = form_handler(RelationForm, guarded(self.teach))
         taught = self.train_btn.click(
-            teach, RelationForm.widgets_in_order(self.form), self.status, api_name="teach_relation",
-            show_progress="minimal", show_progress_on=self.status, **ON_GPU,
+            on_gpu(self.gpu, handler, teach_seconds), RelationForm.widgets_in_order(self.form), self.status,
+            api_name="teach_relation", show_progress="minimal", show_progress_on=self.status,
+            validator=gpu_gate(self.sessions, handler), **ON_GPU,  # one GPU job per visitor on a shared studio
         )  # fmt: skip
         self.cancel_btn.click(self.cancel, None, None, queue=False, api_name="cancel_relation", show_progress="hidden")
         renamed = self.rename_btn.click(guarded(self.rename), [self.pick, self.rename_to], [self.pick, self.detail],

@@ -15,7 +15,7 @@ import gradio as gr
 from engines.types import LIMITS, REGISTER_PRESETS, Cancelled, InputError, SubjectInfo, unknown_subject
 from studio.ui.canvas import add_region
 from studio.ui.forms import RegisterForm, form_handler
-from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, guarded, on_gpu, stream
+from studio.ui.jobs import ON_GPU, QUIET, GpuWrapper, Sessions, gpu_gate, guarded, on_gpu, stream
 from studio.ui.views import idle_html, progress_html, subject_cards, subject_markdown
 
 CLASS_WORDS = (
@@ -132,14 +132,15 @@ class SubjectsTab:
     # ------------------------------------------------------------------------------------------ events
     def wire(self, library_changed: LibraryChanged, canvas: Any, tabs: Any) -> None:
         """`canvas` and `tabs`: "Place on canvas" adds a region there and switches to the Compose tab."""
-        register = on_gpu(self.gpu, form_handler(RegisterForm, guarded(self.register)), register_seconds)
+        handler = form_handler(RegisterForm, guarded(self.register))
         registered = self.register_btn.click(
-            register,
+            on_gpu(self.gpu, handler, register_seconds),
             RegisterForm.widgets_in_order(self.form),
             [self.status, self.gallery],
             api_name="register",
             show_progress="minimal",
             show_progress_on=self.status,
+            validator=gpu_gate(self.sessions, handler),  # one GPU job per visitor at a time on a shared studio
             **ON_GPU,
         )
         renamed = self.rename_btn.click(
