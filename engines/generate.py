@@ -19,7 +19,7 @@ import torch
 
 from engines import metadata
 from engines.box_fitting import BoxFitter
-from engines.cancel_points import block_modules, cancel_points
+from engines.cancel_points import block_modules, cancel_points, chunked_self_attention
 from engines.collage import compose_collage
 from engines.compiled_unet import CompiledForward
 from engines.image_guidance import ImageGuidance
@@ -69,7 +69,9 @@ class Generator:
             self._scheduler(request.scheduler),
             self._layout_guidance(request, prepared.parsed, width, height, prepared.num_tokens) as state,
             self._references(request, subjects, use_references, (width, height), seeds[0], state),
-            cancel_points(self._cancel_modules(), cancel),  # Stop inside a step too: engines/cancel_points.py
+            # Stop inside a step too (engines/cancel_points.py); a compiled UNet is asked only before each call
+            cancel_points(block_modules(self.bundle.pipe, self.compiled), cancel),
+            chunked_self_attention(self.bundle.pipe.unet, None if self.compiled else cancel),
         ):
             fitter = self._box_fitter(request, prepared.parsed, state)
             pipe, start = self._start(request, subjects, width, height)
@@ -201,9 +203,9 @@ class Generator:
         with passes, images if guided else nullcontext():
             yield passes
 
-    def _cancel_modules(self) -> list[torch.nn.Module]:
-        pipe = self.bundle.pipe
-        return block_modules(pipe, compiled=isinstance(pipe.unet.forward, CompiledForward))
+    @property
+    def compiled(self) -> bool:
+        return isinstance(self.bundle.pipe.unet.forward, CompiledForward)
 
     def _box_fitter(self, request: GenerateRequest, parsed: ParsedPrompt, state: GuidanceState | None):
         if state is None or request.guidance.fit_iterations == 0:

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from engines.cancel_points import block_modules
+from engines.cancel_points import ChunkedSelfAttention, block_modules
 from engines.generate import Generator
 from engines.types import Cancelled, GenerateRequest, GuidanceConfig, Layout, Region
 
@@ -61,3 +61,36 @@ def test_a_compiled_unet_is_checked_only_before_each_call(sd15):
     assert pipe.unet in compiled and not any(m in compiled for m in pipe.unet.down_blocks)
     assert all(m in compiled for m in pipe.vae.decoder.up_blocks)
     assert len(block_modules(pipe, compiled=False)) > len(compiled)
+
+
+def test_chunked_self_attention_gives_the_same_image_bit_for_bit(sd15, monkeypatch):
+    """The tiny model's 64² image has 64 cells at its first self-attention: 16-row chunks split it in four."""
+    plain = GenerateRequest("a photo of dog and cat", seed=3, steps=2, num_images=2)
+    whole = Generator(sd15)(plain).images  # no cancel flag: diffusers' processors as they are
+    monkeypatch.setattr("engines.cancel_points.CHUNK_ROWS", 16)
+    calls = []
+    real = ChunkedSelfAttention.__call__
+    monkeypatch.setattr(ChunkedSelfAttention, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    chunked = Generator(sd15)(plain, cancel=threading.Event()).images
+    assert calls, "the self-attention was not chunked"
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(whole, chunked))
+
+
+def test_a_cancel_inside_one_self_attention_call_stops_between_its_chunks(sd15, monkeypatch):
+    monkeypatch.setattr("engines.cancel_points.CHUNK_ROWS", 16)
+    cancel, chunks = threading.Event(), []
+    attention = sd15.pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+
+    def count_chunk(_module, args):
+        chunks.append(args[0].shape[1])
+        if len(chunks) == 2:  # the second chunk of the first call is running: Stop
+            cancel.set()
+
+    handle = attention.to_q.register_forward_pre_hook(count_chunk)
+    try:
+        with pytest.raises(Cancelled):
+            Generator(sd15)(GenerateRequest("a photo of dog", seed=3, steps=2), cancel=cancel)
+    finally:
+        handle.remove()
+    assert chunks == [16, 16], f"chunks run: {chunks}"  # the third of four never started
+    assert not any(isinstance(p, ChunkedSelfAttention) for p in sd15.pipe.unet.attn_processors.values())
