@@ -25,8 +25,7 @@ from studio import runtime_problem  # noqa: E402
 if problem := runtime_problem(("gradio",)):
     raise SystemExit(problem)  # one line, not an import traceback, when run with a Python outside .venv
 
-from engines.types import JOB_CAPS  # noqa: E402
-from studio.cli.common import add_model_extras, with_model_extras  # noqa: E402
+from studio.cli.common import add_job_cap_argument, add_model_extras, job_cap_of, with_model_extras  # noqa: E402
 from studio.ui import build_ui, make_studio, serve  # noqa: E402
 
 
@@ -52,13 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder for generated images and projects (default ./outputs or $TROUPE_OUTPUTS)",
     )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument(
-        "--job-cap",
-        choices=("none", *JOB_CAPS),
-        default=None,
-        help="what one visitor's job may cost (size, steps, images) and one job per visitor at a time: "
-        "none by default on a desktop; a Space always uses shared",
-    )
+    add_job_cap_argument(parser)
     add_model_extras(parser)
     return parser.parse_args(argv)
 
@@ -77,7 +70,7 @@ def build_demo(args: argparse.Namespace):
         gpu=gpu_wrapper if spaces is not None else None,
         allow_model_switch=not on_space,
         outputs_dir=None if on_space else args.outputs,
-        job_cap=JOB_CAPS.get(args.job_cap or ("shared" if on_space else "none")),
+        job_cap=job_cap_of(args, shared=on_space),
     )
 
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from engines.types import DTYPES, OFFLOADS, QUANTIZATIONS, ModelSpec
+from engines.types import DTYPES, JOB_CAPS, OFFLOADS, QUANTIZATIONS, JobCap, ModelSpec
 from studio.cli.progress import print_progress  # the commands import it from here
 
 
@@ -31,6 +31,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="the LoRA that teaches self-attention to read the subjects' photos (SynCD); auto: the demo model's own",
     )
     add_model_extras(parser)
+
+
+def add_job_cap_argument(parser: argparse.ArgumentParser) -> None:
+    """The studio's `--job-cap` (app.py and `python -m studio ui`)."""
+    parser.add_argument(
+        "--job-cap",
+        choices=("none", *JOB_CAPS),
+        default=None,
+        help="what one visitor's job may cost (size, steps, images) and one job per visitor at a time: "
+        "none by default on a desktop; a Space always uses shared",
+    )
+
+
+def job_cap_of(args: argparse.Namespace, shared: bool = False) -> JobCap | None:
+    """The cap `--job-cap` names; a shared studio's (a Space's) when none is named and `shared`."""
+    return JOB_CAPS.get(args.job_cap or ("shared" if shared else "none"))
 
 
 def add_model_extras(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from studio.cli.common import add_library_argument, add_model_extras, with_model_extras
+from studio.cli.common import (
+    add_job_cap_argument,
+    add_library_argument,
+    add_model_extras,
+    job_cap_of,
+    with_model_extras,
+)
 
 
 def add_parsers(subparsers) -> None:
@@ -17,6 +23,7 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--outputs", default="outputs", help="folder for generated images and projects")
     parser.add_argument("--share", action="store_true", help="a public gradio.live link")
     parser.add_argument("--vram", default=None, help="machine preset from presets/vram.json (CPU, 8 GB, 24 GB, A100)")
+    add_job_cap_argument(parser)
     add_model_extras(parser)
     parser.set_defaults(func=run)
 
@@ -30,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
 
     studio = make_studio(args.model, args.library, args.vram)
     studio.model_spec = with_model_extras(studio.model_spec, args)  # the model loads on first use
-    serve(build_ui(studio, outputs_dir=args.outputs), args.host, args.port, args.share)
+    serve(build_ui(studio, outputs_dir=args.outputs, job_cap=job_cap_of(args)), args.host, args.port, args.share)
     return 0
