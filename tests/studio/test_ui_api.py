@@ -8,6 +8,7 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -53,6 +54,20 @@ def gen_args(
     # the order of the /generate endpoint: prompt, negative, canvas, relation, seed, random seed, size, steps, cfg,
     # sampler, number of images, layout strength, fit objects to their boxes
     return [prompt, "", canvas, relation, seed, random_seed, "native", steps, 7.5, "default", images, 0.08, fit_boxes]
+
+
+def refusal(call) -> str:
+    """The one line a refused API call ends with. A GPU job's values are read (Gradio's preprocessing) before the job
+    joins the queue, so a value no form takes comes back as HTTP 400 with the line as `detail`; the handler's own
+    checks come back as an AppError."""
+    try:
+        call()
+    except AppError as error:
+        return str(error)
+    except httpx.HTTPStatusError as error:
+        assert error.response.status_code == 400
+        return error.response.json()["detail"]
+    raise AssertionError("the call was accepted")
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +251,9 @@ def test_bad_registration_input_is_refused(client, photos, tmp_path, studio_app)
     fake = tmp_path / "fake.png"
     fake.write_bytes(b"definitely not a png")
     before = [s.name for s in studio_app[0].subjects()]
-    with pytest.raises(AppError, match="is not an image|Invalid file type"):
-        client.predict([handle_file(str(note))], "milo", "cat", "quick", api_name="/register")
+    assert "Invalid file type" in refusal(
+        lambda: client.predict([handle_file(str(note))], "milo", "cat", "quick", api_name="/register")
+    )
     with pytest.raises(AppError, match="not a readable image"):
         client.predict([handle_file(str(fake))], "milo", "cat", "quick", api_name="/register")
     with pytest.raises(AppError, match="not allowed"):
@@ -517,10 +533,10 @@ def test_the_results_warnings_reach_the_status_line(client, studio_app, photos):
 
 
 def test_bad_reference_values_from_the_api_are_one_readable_message(client):
-    with pytest.raises(AppError, match="maybe"):
-        client.predict(prompt="a red ball", canvas=two_regions(), references="maybe", api_name="/generate")
-    with pytest.raises(AppError, match="spiral"):
-        client.predict(prompt="a red ball", canvas=two_regions(), start="spiral", api_name="/generate")
+    maybe = refusal(lambda: client.predict(prompt="a", canvas=two_regions(), references="maybe", api_name="/generate"))
+    spiral = refusal(lambda: client.predict(prompt="a", canvas=two_regions(), start="spiral", api_name="/generate"))
+    assert "'maybe'" in maybe and "['auto', 'on', 'off']" in maybe
+    assert "'spiral'" in spiral and "\n" not in spiral
 
 
 def test_references_raise_the_zerogpu_duration_only_when_they_run():
