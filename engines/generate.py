@@ -23,7 +23,7 @@ from engines.cancel_points import block_modules, cancel_points, chunked_self_att
 from engines.collage import compose_collage
 from engines.compiled_unet import CompiledForward
 from engines.image_guidance import ImageGuidance
-from engines.layout import build_maps, guidance_scale_at
+from engines.layout import build_maps, guidance_scale_at, whole_self_bound
 from engines.models import ModelBundle
 from engines.previews import latent_preview, previews_per_run
 from engines.prompt_encoding import PreparedPrompt, prepare_prompt
@@ -197,7 +197,8 @@ class Generator:
         masks = routing_masks(request.layout, refs, (size[1] // factor, size[0] // factor), levels, (side, side))
         passes = ReferencePass(self.bundle, refs, masks, request.references, request.num_images, seed, state)
         if state is not None and request.guidance.bound_self_attention:
-            passes.state.self_blocked = {n: m.self_blocked for n, m in state.maps.items() if m.self_blocked is not None}
+            # the rows that see references take one dense (N, N + M) bias, so they need the whole bound at every size
+            passes.state.self_blocked = {n: whole_self_bound(m) for n, m in state.maps.items()}
         guided = request.references.guides_images
         images = ImageGuidance(pipe.unet, request.references, request.cfg, request.num_images, passes.state)
         with passes, images if guided else nullcontext():

@@ -111,6 +111,13 @@ def self_attention_blocks(owner: torch.Tensor) -> torch.Tensor | None:
     return bounded_self_attention.blocked_cells(owner, owner)  # (HW, HW)
 
 
+def whole_self_bound(maps: ResolutionMaps) -> torch.Tensor:
+    """The (HW, HW) bound of one resolution, also where `self_attention_blocks` left it to the processors."""
+    if maps.self_blocked is not None:
+        return maps.self_blocked
+    return bounded_self_attention.blocked_cells(maps.owner, maps.owner)
+
+
 def build_maps(
     layout: Layout,
     region_positions: Sequence[Sequence[int]],

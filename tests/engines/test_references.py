@@ -3,6 +3,8 @@ bit-identity when it is off, and SynCD's image guidance."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,16 @@ def test_box_fitting_that_stops_early_reads_its_attention_while_references_run(s
     fitted = GuidanceConfig(fit_iterations=1, fit_depth=depth, fit_fraction=1.0)
     result = studio.generate(GenerateRequest(PROMPT, layout=LAYOUT, seed=3, steps=2, guidance=fitted))
     assert result.request.references.enabled and np.isfinite(pixels(result)).all()
+
+
+def test_the_self_bound_holds_on_reference_rows_above_the_precomputed_size(studio, monkeypatch):
+    from kernels import bounded_self_attention as bounded
+
+    bound = GuidanceConfig(bound_self_attention=True)
+    request = GenerateRequest(PROMPT, layout=LAYOUT, seed=3, steps=3, guidance=bound)
+    precomputed = studio.generate(request)
+    unbounded = studio.generate(replace(request, guidance=GuidanceConfig()))
+    monkeypatch.setattr(bounded, "PRECOMPUTED_MAX_CELLS", 16)  # every resolution: the bound built per query chunk
+    chunked = studio.generate(request)
+    assert np.abs(pixels(chunked) - pixels(precomputed)).max() <= 1
+    assert np.abs(pixels(unbounded) - pixels(precomputed)).max() > 1  # the bound shows in the picture
