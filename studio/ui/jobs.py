@@ -298,8 +298,8 @@ def gpu_gate(sessions: Sessions, handler: Callable, check: Callable[..., str | N
     """Gradio's validator for a GPU event whose handler takes `(request: gr.Request, *values)` (studio/ui/forms.py
     form_handler): it runs when a job is submitted, before the job joins the queue, with the handler's arguments. It
     refuses a visitor's job beyond the studio's per-visitor limit and, with `check`, a job that `check(request,
-    *values)` names a problem of (its cost), so a refused job never waits in the queue; the line is shown under the
-    first input (Gradio wants one verdict per input), and an API client gets it with HTTP 422."""
+    *values)` names a problem of (its cost), so a refused job never waits in the queue; the page shows the line at
+    the first input (Gradio wants one verdict per input), and an API client gets it with HTTP 422."""
     signature = inspect.signature(handler)  # the parameters' names, for the API; Gradio fills gr.Request by annotation
     inputs = len(signature.parameters) - 1
 
