@@ -218,6 +218,7 @@ def card_to_info(card: object, lora: str, where: str) -> RelationInfo:
     fields = [f.name for f in dataclasses.fields(RelationInfo) if f.name != "lora"]
     if not isinstance(card, dict) or set(card) != set(fields):
         raise InputError(f"{where}: its relation card does not have the fields {', '.join(fields)}")
+    check_relation_name(card["name"])  # first: the lines below name the relation
     try:
         card = {**card, "boxes": tuple(tuple(float(v) for v in b) for b in card["boxes"]),
                 "layers": tuple(card["layers"]), "loss_curve": tuple(card["loss_curve"])}  # fmt: skip
@@ -225,7 +226,6 @@ def card_to_info(card: object, lora: str, where: str) -> RelationInfo:
         as_relation(info)  # the template, boxes and layers are checked as a preset's are
     except (TypeError, ValueError) as error:
         raise InputError(f"{where}: bad relation card ({error})") from None
-    check_relation_name(info.name)
     _check_card_values(info, where)
     return info
 

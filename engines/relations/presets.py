@@ -20,6 +20,7 @@ from typing import Any
 
 from engines.presets import PRESETS_DIR, read_json, versioned_list
 from engines.types import Box, InputError, Layout, Region, SubjectInfo, check_keys, check_subject_name, unknown_subject
+from engines.types.checks import printable
 
 DEFAULT_PATH = PRESETS_DIR / "relations.json"
 KINDS: tuple[str, ...] = ("action", "interaction", "spatial")
@@ -42,7 +43,7 @@ class Relation:
     lora: Path | None = None  # a relation LoRA (.safetensors) or None
 
     def __post_init__(self) -> None:
-        where = f"relation '{self.name}'"
+        where = f"relation '{printable(str(self.name))}'"
         if not isinstance(self.name, str) or not self.name.strip():
             raise InputError("a relation needs a non-empty name")
         if self.arity not in (1, 2) or isinstance(self.arity, bool):
@@ -111,7 +112,7 @@ def parse_relations(data: Any, base: Path = PRESETS_DIR, origin: str = "relation
     relations: dict[str, Relation] = {}
     for index, entry in enumerate(entries):
         name = entry.get("name", f"#{index + 1}") if isinstance(entry, dict) else f"#{index + 1}"
-        where = f"{origin}: relation '{name}'"
+        where = f"{origin}: relation '{printable(str(name))}'"
         check_keys(entry, where, _REQUIRED | _OPTIONAL, _REQUIRED)
         try:
             relation = Relation(

@@ -256,6 +256,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     require(finite(args.cfg) and 0 <= args.cfg <= 50, f"bench: --cfg must be a number in 0..50 (got {args.cfg})")
     size_ok = args.size is None or whole(args.size, 64, 4096) and args.size % 8 == 0
     require(size_ok, f"bench: --size must be a multiple of 8 in 64..4096 (got {args.size})")
+    layouts = getattr(args, "layouts", 1)  # only the layout bench reads it; a 0 is a mistake with --speed too
+    require(whole(layouts, 1, 100_000), f"bench: --layouts must be an integer in 1..100000 (got {layouts})")
 
 
 def run(args: argparse.Namespace) -> int:

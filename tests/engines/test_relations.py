@@ -122,6 +122,7 @@ def test_apply_relation_bad_participants(participants, message):
         (_one(kind="mood"), "kind must be"),
         (_one(lora="../../etc/passwd.safetensors"), "must stay inside"),
         (_one(lora="x.bin"), "safetensors"),
+        (_one(name="hug\x1b[2J\x1e", boxes=[]), r"relation 'hug\\x1b\[2J\\x1e': needs exactly 2"),  # escaped: one line
     ],
 )
 def test_bad_relation_files_fail_clearly(data, message):

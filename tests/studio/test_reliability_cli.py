@@ -53,6 +53,12 @@ def test_output_paths_are_checked_before_generating(tmp_path):
     assert not (tmp_path / "new").exists()  # checking makes nothing
 
 
+def test_bench_refuses_zero_layouts_in_every_mode(capsys):
+    for mode in ([], ["--speed"]):
+        assert main(["bench", *mode, "--layouts", "0", "--model", "/nonexistent/model"]) == 2
+        assert capsys.readouterr().err.strip() == "error: bench: --layouts must be an integer in 1..100000 (got 0)"
+
+
 def test_generate_refuses_seed_overflow_and_bad_out_before_the_model(tmp_path, capsys):
     base = ["generate", "--prompt", "a red ball", "--model", "/nonexistent/model", "--library", str(tmp_path)]
     assert main([*base, "--seed", str(2**63 - 1), "--num-images", "2", "--out", str(tmp_path / "a.png")]) == 2
