@@ -1,9 +1,10 @@
 """How long Stop takes to end a big job: the issue-20 case (demo model, 512×512, 8 images, Stop pressed at 15 s).
 
-    OMP_NUM_THREADS=1 python -m evals.cancel_latency [--size 512] [--images 8] [--stop-at 15] [--between-steps]
+    OMP_NUM_THREADS=1 python -m evals.cancel_latency [--size 512] [--images 8] [--stop-at 15] [--checks steps]
 
-prints the seconds from Stop to the job's end. `--between-steps` measures the old behaviour (the cancel noticed only
-by the step callback) by leaving out the cancel points of engines/cancel_points.py.
+prints the seconds from Stop to the job's end. `--checks` picks where the cancel is noticed: `steps` is the old
+behaviour (only the step callback: engines/cancel_points.py left out), `blocks` adds the checks before every UNet and
+decoder block, `chunks` (the default, what generation does) also those between chunks of a CPU self-attention call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 
 from engines.service import Studio
 from engines.types import Cancelled, GenerateRequest, ModelSpec
+
+CHECKS = ("steps", "blocks", "chunks")  # each adds places where a cancel is noticed to the one before
 
 
 def stop_latency(size: int, images: int, stop_at: float, steps: int) -> dict:
@@ -49,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--stop-at", type=float, default=15.0)
-    parser.add_argument("--between-steps", action="store_true", help="without the cancel points (the old Stop)")
+    parser.add_argument("--checks", choices=CHECKS, default="chunks", help="where Stop is noticed (steps: the old way)")
     args = parser.parse_args(argv)
     import engines.generate
 
-    if args.between_steps:
+    if CHECKS.index(args.checks) < CHECKS.index("blocks"):
         engines.generate.cancel_points = lambda modules, cancel: contextlib.nullcontext()
+    if CHECKS.index(args.checks) < CHECKS.index("chunks"):
+        engines.generate.chunked_self_attention = lambda unet, cancel: contextlib.nullcontext()
     print(stop_latency(args.size, args.images, args.stop_at, args.steps))
     return 0
 
